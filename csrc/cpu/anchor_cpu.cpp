@@ -1,0 +1,96 @@
+// CPU kernels of the anchor operations. Parallel over (image*channel, output row).
+#include "anchor_cpu.h"
+
+#include <cmath>
+#include <vector>
+
+namespace pyfastscan {
+
+template <typename T>
+void anchor_pool2d_cpu(const T* x, T* out, int64_t nc, int64_t h, int64_t w,
+                       const AnchorAxis& ay, const AnchorAxis& ax, bool average) {
+  using acc_t = typename acc_type<T>::type;
+  const int64_t ho = anchor_out_len(h, ay), wo = anchor_out_len(w, ax);
+  if (nc == 0 || ho == 0 || wo == 0) return;
+  // Column starts are the same for every row: compute them once.
+  std::vector<int64_t> col_start(wo);
+  for (int64_t q = 0; q < wo; ++q) col_start[q] = anchor_start(q, ax);
+  const acc_t inv_area = acc_t(1) / acc_t(ay.kernel * ax.kernel);
+
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < nc; ++i) {
+    for (int64_t p = 0; p < ho; ++p) {
+      const T* plane = x + i * h * w;
+      T* orow = out + (i * ho + p) * wo;
+      const int64_t y0 = anchor_start(p, ay);
+      for (int64_t q = 0; q < wo; ++q) {
+        const T* base = plane + y0 * w + col_start[q];
+        if (average) {
+          acc_t s = 0;
+          for (int64_t ty = 0; ty < ay.kernel; ++ty)
+            for (int64_t tx = 0; tx < ax.kernel; ++tx)
+              s += widen(base[ty * ay.dilation * w + tx * ax.dilation]);
+          orow[q] = narrow<T>(s * inv_area);
+        } else {
+          // Keep the winning element itself (bitwise equal to the reference) and
+          // propagate NaN like torch.amax.
+          T best = base[0];
+          acc_t bv = widen(best);
+          for (int64_t ty = 0; ty < ay.kernel; ++ty)
+            for (int64_t tx = 0; tx < ax.kernel; ++tx) {
+              const T v = base[ty * ay.dilation * w + tx * ax.dilation];
+              const acc_t fv = widen(v);
+              if (!std::isnan(bv) && (fv > bv || std::isnan(fv))) { best = v; bv = fv; }
+            }
+          orow[q] = best;
+        }
+      }
+    }
+  }
+}
+
+template void anchor_pool2d_cpu<float>(const float*, float*, int64_t, int64_t, int64_t,
+                                       const AnchorAxis&, const AnchorAxis&, bool);
+template void anchor_pool2d_cpu<double>(const double*, double*, int64_t, int64_t, int64_t,
+                                        const AnchorAxis&, const AnchorAxis&, bool);
+template void anchor_pool2d_cpu<bf16>(const bf16*, bf16*, int64_t, int64_t, int64_t,
+                                      const AnchorAxis&, const AnchorAxis&, bool);
+
+namespace {
+template <typename E>
+void im2col_impl(const E* x, E* col, int64_t n, int64_t c, int64_t h, int64_t w,
+                 const AnchorAxis& ay, const AnchorAxis& ax, int64_t row0, int64_t row1) {
+  const int64_t wo = anchor_out_len(w, ax), rows = row1 - row0, kk = ay.kernel * ax.kernel;
+  const int64_t plane_out = rows * wo;
+  std::vector<int64_t> col_start(wo);
+  for (int64_t q = 0; q < wo; ++q) col_start[q] = anchor_start(q, ax);
+#pragma omp parallel for collapse(3) schedule(static)
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t ty = 0; ty < ay.kernel; ++ty) {
+        const E* plane = x + (b * c + ch) * h * w;
+        for (int64_t tx = 0; tx < ax.kernel; ++tx) {
+          E* dst = col + ((b * c + ch) * kk + ty * ax.kernel + tx) * plane_out;
+          const int64_t dx = tx * ax.dilation;
+          for (int64_t p = row0; p < row1; ++p) {
+            const E* src = plane + anchor_tap(p, ty, ay) * w + dx;
+            E* d = dst + (p - row0) * wo;
+            for (int64_t q = 0; q < wo; ++q) d[q] = src[col_start[q]];
+          }
+        }
+      }
+}
+}  // namespace
+
+void anchor_im2col_cpu(const void* x, void* col, size_t elem_size, int64_t n, int64_t c,
+                       int64_t h, int64_t w, const AnchorAxis& ay, const AnchorAxis& ax,
+                       int64_t row0, int64_t row1) {
+  switch (elem_size) {
+    case 2: im2col_impl(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(col), n, c, h, w, ay, ax, row0, row1); break;
+    case 4: im2col_impl(static_cast<const uint32_t*>(x), static_cast<uint32_t*>(col), n, c, h, w, ay, ax, row0, row1); break;
+    case 8: im2col_impl(static_cast<const uint64_t*>(x), static_cast<uint64_t*>(col), n, c, h, w, ay, ax, row0, row1); break;
+    default: break;  // the binding rejects other sizes
+  }
+}
+
+}  // namespace pyfastscan

@@ -1,0 +1,60 @@
+// pybind11 module of the CUDA build: pyfastscan._C_cuda. Takes device pointers (as
+// integers), shapes and a stream handle; compiled by the host compiler, the kernels by nvcc.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "anchor_cuda.h"
+
+namespace py = pybind11;
+using namespace pyfastscan;
+
+namespace {
+using Axis = std::tuple<int64_t, int64_t, int64_t, int64_t>;
+AnchorAxis to_axis(const Axis& a) { return {std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<3>(a)}; }
+const void* cptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
+void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+void check_launch(const char* what) {
+  const std::string err = cuda_last_error();
+  if (!err.empty()) throw std::runtime_error(std::string("pyfastscan._C_cuda.") + what + ": " + err);
+}
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "pyfastscan CUDA kernels. Pointers are device addresses; see pyfastscan/ops for the API.";
+  m.def("anchor_pool2d", [](uintptr_t x, uintptr_t out, int dtype, int64_t nc, int64_t h, int64_t w, Axis ay,
+                            Axis ax, bool average, uintptr_t stream) {
+    {
+      py::gil_scoped_release nogil;
+      anchor_pool2d_cuda(cptr(x), mptr(out), static_cast<CudaDtype>(dtype), nc, h, w, to_axis(ay), to_axis(ax),
+                         average, mptr(stream));
+    }
+    check_launch("anchor_pool2d");
+  });
+  m.def("anchor_conv2d", [](uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t out, int dtype, int64_t n,
+                            int64_t c, int64_t h, int64_t w, int64_t o, Axis ay, Axis ax, uintptr_t stream) {
+    {
+      py::gil_scoped_release nogil;
+      anchor_conv2d_cuda(cptr(x), cptr(weight), bias ? cptr(bias) : nullptr, mptr(out),
+                         static_cast<CudaDtype>(dtype), n, c, h, w, o, to_axis(ay), to_axis(ax), mptr(stream));
+    }
+    check_launch("anchor_conv2d");
+  });
+  m.def("build_info", []() {
+    py::dict d;
+    d["cudart_version"] = static_cast<long>(CUDART_VERSION);
+#ifdef PYFASTSCAN_CUDA_ARCHS
+    d["cuda_architectures"] = PYFASTSCAN_CUDA_ARCHS;
+#endif
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    d["device_count"] = e == cudaSuccess ? count : 0;
+    d["device_error"] = e == cudaSuccess ? std::string() : std::string(cudaGetErrorString(e));
+    return d;
+  });
+}

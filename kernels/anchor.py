@@ -1,0 +1,126 @@
+"""Triton kernels of the anchor operations (Fast ScanNet, Lin et al. IEEE TMI 2019;
+definition in DESIGN.md 2.1).
+
+Per axis, output index p reads input positions start(p) + d*t, t = 0..K-1, with
+start(p) = (p // d_a) * s_a + p % d_a. Axis tuples are (kernel, dilation, s_a, d_a).
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Blocks are large enough for tl.dot (>= 16) and few enough for the CPU interpreter.
+POOL_BLOCK = 256
+CONV_BLOCK_M, CONV_BLOCK_N, CONV_BLOCK_K = 32, 32, 32
+
+
+@triton.jit
+def _anchor_start(p, s_a, d_a):
+    return (p // d_a) * s_a + p % d_a
+
+
+@triton.jit
+def anch_pool2d_kernel(x_ptr, out_ptr, C, Ho, Wo, sxn, sxc, sxh, sxw, DY, DX, SAY, SAX, DAY, DAX,
+                       KY: tl.constexpr, KX: tl.constexpr, AVERAGE: tl.constexpr, IS_F64: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """out[n, c, p, q] = max (or mean) over (ty, tx) of x[n, c, start_y(p) + DY*ty, start_x(q) + DX*tx].
+
+    Grid: (N*C, cdiv(Ho*Wo, BLOCK)). Accumulates in float32 (float64 for float64 input);
+    the max keeps the winning element, so it is exact in every dtype, and propagates NaN.
+    """
+    acc_t = tl.float64 if IS_F64 else tl.float32
+    nc = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < Ho * Wo
+    p = offs // Wo
+    q = offs % Wo
+    y0 = _anchor_start(p, SAY, DAY)
+    x0 = _anchor_start(q, SAX, DAX)
+    base = x_ptr + (nc // C) * sxn + (nc % C) * sxc
+    if AVERAGE:
+        acc = tl.zeros((BLOCK,), dtype=acc_t)
+    else:
+        acc = tl.load(base + y0 * sxh + x0 * sxw, mask=mask, other=0).to(acc_t)
+    for ty in tl.static_range(KY):
+        for tx in tl.static_range(KX):
+            v = tl.load(base + (y0 + DY * ty) * sxh + (x0 + DX * tx) * sxw, mask=mask, other=0).to(acc_t)
+            if AVERAGE:
+                acc += v
+            else:
+                acc = tl.maximum(acc, v, propagate_nan=tl.PropagateNan.ALL)
+    if AVERAGE:
+        acc = acc / (KY * KX)
+    tl.store(out_ptr + nc * Ho * Wo + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def anch_conv2d_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, O, C, Ho, Wo, sxn, sxc, sxh, sxw, swo, swc, swy, swx,
+                       DY, DX, SAY, SAX, DAY, DAX, KY: tl.constexpr, KX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       IS_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Implicit GEMM: out[m, o] = bias[o] + sum_k A[m, k] * B[k, o] with m = (n, p, q),
+    k = (c, ty, tx), A[m, k] = x[n, c, start_y(p) + DY*ty, start_x(q) + DX*tx] (the anchor
+    index map) and B[k, o] = w[o, c, ty, tx].
+
+    Operands are widened to float32 (float64 for float64 input) before tl.dot with IEEE
+    precision: one code path that is exact enough for the tolerance of DESIGN.md 5 on a
+    GPU and that Triton's CPU interpreter runs (its bfloat16 tl.dot multiplies raw bits,
+    triton-lang/triton#11584). Grid: (cdiv(M, BLOCK_M), cdiv(O, BLOCK_N)).
+    """
+    acc_t = tl.float64 if IS_F64 else tl.float32
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < O
+    q = rm % Wo
+    p = (rm // Wo) % Ho
+    img = rm // (Wo * Ho)
+    y0 = _anchor_start(p, SAY, DAY)
+    x0 = _anchor_start(q, SAX, DAX)
+    a_row = img * sxn + y0 * sxh + x0 * sxw
+    k_total = C * KY * KX
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_t)
+    for k0 in range(0, k_total, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < k_total
+        ch = rk // (KY * KX)
+        t = rk % (KY * KX)
+        ty = t // KX
+        tx = t % KX
+        a_col = ch * sxc + ty * DY * sxh + tx * DX * sxw
+        a = tl.load(x_ptr + a_row[:, None] + a_col[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+        b_off = ch * swc + ty * swy + tx * swx
+        b = tl.load(w_ptr + b_off[:, None] + rn[None, :] * swo, mask=k_mask[:, None] & n_mask[None, :], other=0)
+        acc += tl.dot(a.to(acc_t), b.to(acc_t), input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0).to(acc_t)[None, :]
+    out_off = img[:, None] * (O * Ho * Wo) + rn[None, :] * (Ho * Wo) + (p * Wo + q)[:, None]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def anch_pool2d_triton(x: torch.Tensor, axis_y, axis_x, out_hw, average: bool) -> torch.Tensor:
+    """AnchPool with Triton. x: (N, C, H, W), any strides. Returns (N, C, Ho, Wo), contiguous."""
+    n, c = x.shape[:2]
+    ho, wo = out_hw
+    out = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device)
+    ky, dy, say, day = axis_y
+    kx, dx, sax, dax = axis_x
+    grid = (n * c, triton.cdiv(ho * wo, POOL_BLOCK))
+    anch_pool2d_kernel[grid](x, out, c, ho, wo, *x.stride(), dy, dx, say, sax, day, dax, KY=ky, KX=kx,
+                             AVERAGE=average, IS_F64=x.dtype == torch.float64, BLOCK=POOL_BLOCK)
+    return out
+
+
+def anch_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias, axis_y, axis_x, out_hw) -> torch.Tensor:
+    """AnchConv with Triton. x: (N, C, H, W), weight: (O, C, Ky, Kx), any strides; bias (O,) or None."""
+    n = x.shape[0]
+    o = weight.shape[0]
+    ho, wo = out_hw
+    out = torch.empty((n, o, ho, wo), dtype=x.dtype, device=x.device)
+    ky, dy, say, day = axis_y
+    kx, dx, sax, dax = axis_x
+    m = n * ho * wo
+    grid = (triton.cdiv(m, CONV_BLOCK_M), triton.cdiv(o, CONV_BLOCK_N))
+    anch_conv2d_kernel[grid](x, weight, out if bias is None else bias, out, m, o, x.shape[1], ho, wo, *x.stride(),
+                             *weight.stride(), dy, dx, say, sax, day, dax, KY=ky, KX=kx, HAS_BIAS=bias is not None,
+                             IS_F64=x.dtype == torch.float64, BLOCK_M=CONV_BLOCK_M, BLOCK_N=CONV_BLOCK_N,
+                             BLOCK_K=CONV_BLOCK_K)
+    return out

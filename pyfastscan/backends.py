@@ -1,0 +1,163 @@
+"""Backend choice, in one place.
+
+Every op offers some of the backends ``torch`` (the pure-PyTorch reference), ``cpu``
+(C++), ``cuda`` (CUDA C++) and ``triton``. ``backend="auto"`` walks a priority list for
+the input's device and takes the first backend that can run the call; a backend that
+cannot says why. The environment variable ``PYFASTSCAN_BACKEND`` replaces ``"auto"``
+(an explicit ``backend=`` argument still wins). The backend that ran is recorded:
+``last_backend(op)``.
+
+Triton runs on CPU tensors only under its interpreter (``TRITON_INTERPRET=1``, set before
+the first kernel module is imported), and ``auto`` never picks it there: the interpreter
+is for testing, not speed.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import _native
+from .errors import BackendUnavailableError, InvalidArgumentError
+
+logger = logging.getLogger("pyfastscan")
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+ENV_VAR = "PYFASTSCAN_BACKEND"
+_PRIORITY = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+_last = {}
+_warned = set()
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend of one op: ``run(*args)`` and ``reason(*args)`` (None when it can run)."""
+
+    run: Callable
+    reason: Callable[..., Optional[str]] = lambda *a, **k: None
+
+
+def last_backend(op: str) -> Optional[str]:
+    """Name of the backend that ran the most recent call of ``op`` in this process."""
+    return _last.get(op)
+
+
+def triton_reason(device: torch.device) -> Optional[str]:
+    """Why Triton cannot run on ``device`` here, or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); pip install triton"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"tensor on {device.type}; Triton runs there only under TRITON_INTERPRET=1 (its CPU interpreter)"
+
+
+def cpu_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"tensor on {device.type}, the C++ kernels take CPU tensors"
+    if _native.cpu() is None:
+        return f"pyfastscan._C did not load ({_native.cpu_error()}); reinstall with a C++17 compiler"
+    return None
+
+
+def cuda_reason(device: torch.device) -> Optional[str]:
+    if _native.cuda() is None:
+        return f"pyfastscan._C_cuda is not available ({_native.cuda_error()}); it is built when nvcc is found"
+    if device.type != "cuda":
+        return f"tensor on {device.type}, the CUDA kernels take CUDA tensors"
+    return None
+
+
+_DEVICE_REASON = {"cpu": cpu_reason, "cuda": cuda_reason, "triton": triton_reason, "torch": lambda d: None}
+
+
+def dispatch(op: str, backend: str, impls: dict, device: torch.device, *args):
+    """Run ``op`` on the chosen backend and record which one ran.
+
+    Args:
+        op: op name, for messages and ``last_backend``.
+        backend: "auto" or one of BACKENDS.
+        impls: backend name -> Impl, for the backends this op has.
+        device: device of the op's tensors (validated to agree beforehand).
+        *args: passed to ``Impl.reason`` and ``Impl.run``.
+    """
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+    if backend != "auto" and backend not in BACKENDS:
+        raise InvalidArgumentError(f"{op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+
+    def why_not(name):
+        if name not in impls:
+            return f"{op} has no {name} backend"
+        return _DEVICE_REASON[name](device) or impls[name].reason(*args)
+
+    if backend != "auto":
+        reason = why_not(backend)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run this call: {reason}")
+        chosen = backend
+    else:
+        chosen, skipped = None, []
+        for name in _PRIORITY.get(device.type, ("torch",)):
+            reason = why_not(name)
+            if reason is None:
+                chosen = name
+                break
+            skipped.append((name, reason))
+        if chosen is None:
+            listing = "; ".join(f"{n}: {r}" for n, r in skipped)
+            raise BackendUnavailableError(f"{op}: no backend can run this call ({listing})")
+        for name, reason in skipped:  # a fallback is never silent
+            key = (op, name, reason)
+            if key not in _warned:
+                _warned.add(key)
+                logger.warning("%s: backend %r skipped (%s); using %r", op, name, reason, chosen)
+    _last[op] = chosen
+    return impls[chosen].run(*args)
+
+
+def build_info() -> dict:
+    """What was built and what can run here, with the reason for each backend that cannot.
+
+    Returns:
+        dict with keys ``version``, ``torch``, ``triton``, ``native`` (per native module:
+        loaded, and compiler / CUDA versions or the load error) and ``backends`` (per
+        backend: ``usable`` and ``reason``).
+    """
+    from . import __version__
+
+    native = {}
+    c = _native.cpu()
+    native["_C"] = dict(loaded=True, **c.build_info()) if c else dict(loaded=False, error=_native.cpu_error())
+    cu = _native.cuda()
+    native["_C_cuda"] = dict(loaded=True, **cu.build_info()) if cu else dict(loaded=False, error=_native.cuda_error())
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda_dev = torch.device("cuda")
+    has_gpu = torch.cuda.is_available()
+    no_gpu = "no CUDA device (torch.cuda.is_available() is False)"
+    backends = {
+        "torch": None,
+        "cpu": cpu_reason(torch.device("cpu")),
+        "cuda": cuda_reason(cuda_dev) or (None if has_gpu else no_gpu),
+        # On a machine without a GPU, Triton can still run CPU tensors in its interpreter.
+        "triton": triton_reason(cuda_dev if has_gpu else torch.device("cpu")),
+    }
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "native": native,
+        "backends": {k: {"usable": r is None, "reason": r} for k, r in backends.items()},
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+    }

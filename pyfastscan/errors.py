@@ -1,0 +1,13 @@
+"""Typed errors. Everything pyfastscan raises on purpose derives from PyfastscanError."""
+
+
+class PyfastscanError(Exception):
+    """Base class of every error pyfastscan raises on purpose."""
+
+
+class InvalidArgumentError(PyfastscanError, ValueError):
+    """An argument has a value the operation cannot take; the message names it."""
+
+
+class BackendUnavailableError(PyfastscanError, RuntimeError):
+    """No backend (or not the requested one) can run this call; the message says why."""

@@ -1,0 +1,65 @@
+"""Build script: drives CMakeLists.txt to build pyfastscan._C (and _C_cuda when nvcc is found).
+
+Environment:
+    FORCE_CUDA=1        build the CUDA kernels even if nvcc is not on PATH (CUDACXX or
+                        CMAKE_CUDA_COMPILER must then point at it).
+    PYFASTSCAN_NO_CUDA=1  never build the CUDA kernels.
+    CMAKE_BUILD_PARALLEL_LEVEL  parallel compile jobs (default: number of CPUs).
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+def _want_cuda():
+    if os.environ.get("PYFASTSCAN_NO_CUDA") == "1":
+        return False, "PYFASTSCAN_NO_CUDA=1"
+    if os.environ.get("FORCE_CUDA") == "1":
+        return True, "FORCE_CUDA=1"
+    nvcc = shutil.which("nvcc")
+    return (True, f"nvcc found at {nvcc}") if nvcc else (False, "nvcc not found")
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import pybind11
+
+        outdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_temp = Path(self.build_temp).resolve() / "cmake"
+        build_temp.mkdir(parents=True, exist_ok=True)
+        cuda, why = _want_cuda()
+        cpu_src = sorted(glob.glob(str(ROOT / "csrc" / "cpu" / "*.cpp")))
+        cuda_src = sorted(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu")))
+        print(f"pyfastscan build: _C from csrc/bindings.cpp + {len(cpu_src)} file(s) in csrc/cpu", flush=True)
+        print(f"pyfastscan build: CUDA {'ON' if cuda else 'OFF'} ({why})"
+              + (f", {len(cuda_src)} .cu file(s) in csrc/cuda" if cuda else ""), flush=True)
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={outdir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
+            f"-DPYFASTSCAN_CUDA={'ON' if cuda else 'OFF'}",
+        ]
+        env = dict(os.environ)
+        env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_temp), *args], check=True, env=env)
+        subprocess.run(["cmake", "--build", str(build_temp)], check=True, env=env)
+
+
+setup(
+    ext_modules=[CMakeExtension("pyfastscan._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)
