@@ -19,6 +19,22 @@ def _anchor_start(p, s_a, d_a):
 
 
 @triton.jit
+def _to_output(acc, out_ptr):
+    """Cast the accumulator to the output dtype, rounding to nearest even.
+
+    For bfloat16 the rounding is done on the float32 bits first (x + 0x7FFF + lsb, then
+    clear the low half), so the cast itself is exact: Triton's CPU interpreter truncates
+    in float32 -> bfloat16 casts where GPUs round to nearest even, and this way both give
+    the rounding PyTorch uses.
+    """
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = acc.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        acc = tl.where(acc != acc, acc, rounded.to(tl.float32, bitcast=True))
+    return acc.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def anch_pool2d_kernel(x_ptr, out_ptr, C, Ho, Wo, sxn, sxc, sxh, sxw, DY, DX, SAY, SAX, DAY, DAX,
                        KY: tl.constexpr, KX: tl.constexpr, AVERAGE: tl.constexpr, IS_F64: tl.constexpr,
                        BLOCK: tl.constexpr):
@@ -49,7 +65,7 @@ def anch_pool2d_kernel(x_ptr, out_ptr, C, Ho, Wo, sxn, sxc, sxh, sxw, DY, DX, SA
                 acc = tl.maximum(acc, v, propagate_nan=tl.PropagateNan.ALL)
     if AVERAGE:
         acc = acc / (KY * KX)
-    tl.store(out_ptr + nc * Ho * Wo + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + nc * Ho * Wo + offs, _to_output(acc, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -93,7 +109,7 @@ def anch_conv2d_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, O, C, Ho, Wo, sxn, sxc, 
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0).to(acc_t)[None, :]
     out_off = img[:, None] * (O * Ho * Wo) + rn[None, :] * (Ho * Wo) + (p * Wo + q)[:, None]
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out_ptr + out_off, _to_output(acc, out_ptr), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def anch_pool2d_triton(x: torch.Tensor, axis_y, axis_x, out_hw, average: bool) -> torch.Tensor:

@@ -1,0 +1,42 @@
+# Quick start: `make demo` and `make test` work on a fresh machine with Python, make and
+# a C++ compiler. They create .venv, install torch==2.13.0 when no torch is there (never
+# a plain `torch`, which would pull a multi-GB CUDA build), build and install the package
+# with its test extras, and run.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+DEPS   := $(VENV)/.deps-installed
+BUILD_DEPS := "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.24"
+PYTEST_ARGS ?=
+
+.PHONY: all install test demo bench clean info
+
+all: install
+
+$(DEPS): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(BUILD_DEPS)
+	$(PIP) install -q --no-build-isolation ".[test]"
+	touch $@
+
+# Rebuild and reinstall the package (CMake builds incrementally in build/).
+install: $(DEPS)
+	$(PIP) install -q --no-build-isolation --no-deps .
+
+test: install
+	TRITON_INTERPRET=1 NUMBA_ENABLE_CUDASIM=1 $(BIN)/pytest $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/pyfastscan demo
+
+info: install
+	$(BIN)/pyfastscan info
+
+bench: install
+	$(BIN)/pytest bench -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds --benchmark-sort=name
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .benchmarks

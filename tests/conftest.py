@@ -1,0 +1,11 @@
+"""Test configuration. Runs before any test module is imported."""
+import os
+import sys
+
+# Triton reads TRITON_INTERPRET when a kernel module is imported: set it first so that
+# Triton kernels run on CPU tensors in its interpreter (DESIGN.md 5).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+# Tests import the installed package (--import-mode=importlib); only tests/ goes on the
+# path, for the shared helpers.
+sys.path.insert(0, os.path.dirname(__file__))
