@@ -36,7 +36,9 @@ info: install
 	$(BIN)/pyfastscan info
 
 bench: install
-	$(BIN)/pytest bench -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds --benchmark-sort=name
+	mkdir -p .benchmarks
+	$(BIN)/pytest bench -o python_files="bench_*.py" --benchmark-only --benchmark-columns=min,median,max,iqr,rounds --benchmark-json=.benchmarks/latest.json
+	$(BIN)/python bench/report.py .benchmarks/latest.json
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .benchmarks
