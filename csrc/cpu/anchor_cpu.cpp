@@ -6,44 +6,67 @@
 
 namespace pyfastscan {
 
+namespace {
+
+// NaN-propagating max that keeps the winning element (bitwise equal to torch.amax) and
+// compiles to selects, so the loops below vectorise.
+template <typename T>
+inline T max_keep_nan(T best, T v) {
+  const auto b = widen(best), f = widen(v);
+  return (b != b) ? best : ((f > b || f != f) ? v : best);
+}
+
+// Calls body(q, start_x(q)) for every output column, as up to d_a affine runs
+// (q = g*d_a + r reads g*s_a + r): plain loops the compiler can vectorise.
+template <typename F>
+inline void for_each_column(int64_t wo, const AnchorAxis& ax, F&& body) {
+  const int64_t da = ax.operating_distance, sa = ax.anchor_stride;
+  if (da == sa) {  // start(q) = q
+    for (int64_t q = 0; q < wo; ++q) body(q, q);
+    return;
+  }
+  for (int64_t r = 0; r < da && r < wo; ++r)
+    for (int64_t q = r, x = r; q < wo; q += da, x += sa) body(q, x);
+}
+
+}  // namespace
+
 template <typename T>
 void anchor_pool2d_cpu(const T* x, T* out, int64_t nc, int64_t h, int64_t w,
                        const AnchorAxis& ay, const AnchorAxis& ax, bool average) {
   using acc_t = typename acc_type<T>::type;
   const int64_t ho = anchor_out_len(h, ay), wo = anchor_out_len(w, ax);
   if (nc == 0 || ho == 0 || wo == 0) return;
-  // Column starts are the same for every row: compute them once.
-  std::vector<int64_t> col_start(wo);
-  for (int64_t q = 0; q < wo; ++q) col_start[q] = anchor_start(q, ax);
   const acc_t inv_area = acc_t(1) / acc_t(ay.kernel * ax.kernel);
 
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t i = 0; i < nc; ++i) {
-    for (int64_t p = 0; p < ho; ++p) {
-      const T* plane = x + i * h * w;
-      T* orow = out + (i * ho + p) * wo;
-      const int64_t y0 = anchor_start(p, ay);
-      for (int64_t q = 0; q < wo; ++q) {
-        const T* base = plane + y0 * w + col_start[q];
-        if (average) {
-          acc_t s = 0;
-          for (int64_t ty = 0; ty < ay.kernel; ++ty)
-            for (int64_t tx = 0; tx < ax.kernel; ++tx)
-              s += widen(base[ty * ay.dilation * w + tx * ax.dilation]);
-          orow[q] = narrow<T>(s * inv_area);
-        } else {
-          // Keep the winning element itself (bitwise equal to the reference) and
-          // propagate NaN like torch.amax.
-          T best = base[0];
-          acc_t bv = widen(best);
-          for (int64_t ty = 0; ty < ay.kernel; ++ty)
-            for (int64_t tx = 0; tx < ax.kernel; ++tx) {
-              const T v = base[ty * ay.dilation * w + tx * ax.dilation];
-              const acc_t fv = widen(v);
-              if (!std::isnan(bv) && (fv > bv || std::isnan(fv))) { best = v; bv = fv; }
+#pragma omp parallel
+  {
+    std::vector<acc_t> sum(average ? wo : 0);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t i = 0; i < nc; ++i) {
+      for (int64_t p = 0; p < ho; ++p) {
+        const T* plane = x + i * h * w;
+        T* orow = out + (i * ho + p) * wo;
+        const int64_t y0 = anchor_start(p, ay);
+        // Taps outer, columns inner: each pass is a contiguous (or strided) sweep.
+        for (int64_t ty = 0; ty < ay.kernel; ++ty) {
+          const T* src_row = plane + (y0 + ty * ay.dilation) * w;
+          for (int64_t tx = 0; tx < ax.kernel; ++tx) {
+            const T* src = src_row + tx * ax.dilation;
+            const bool first = ty == 0 && tx == 0;
+            if (average) {
+              acc_t* s = sum.data();
+              if (first) for_each_column(wo, ax, [&](int64_t q, int64_t xs) { s[q] = widen(src[xs]); });
+              else for_each_column(wo, ax, [&](int64_t q, int64_t xs) { s[q] += widen(src[xs]); });
+            } else if (first) {
+              for_each_column(wo, ax, [&](int64_t q, int64_t xs) { orow[q] = src[xs]; });
+            } else {
+              for_each_column(wo, ax, [&](int64_t q, int64_t xs) { orow[q] = max_keep_nan(orow[q], src[xs]); });
             }
-          orow[q] = best;
+          }
         }
+        if (average)
+          for (int64_t q = 0; q < wo; ++q) orow[q] = narrow<T>(sum[q] * inv_area);
       }
     }
   }
