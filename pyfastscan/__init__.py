@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 from . import nn, ops  # noqa: E402
 from .backends import build_info  # noqa: E402
+from .dense import DenseModel, Geometry, geometry, to_dense  # noqa: E402
 from .errors import BackendUnavailableError, InvalidArgumentError, PyfastscanError  # noqa: E402
 
-__all__ = ["build_info", "nn", "ops", "PyfastscanError", "InvalidArgumentError", "BackendUnavailableError",
+__all__ = ["build_info", "nn", "ops", "to_dense", "geometry", "Geometry", "DenseModel", "PyfastscanError", "InvalidArgumentError", "BackendUnavailableError",
            "__version__"]

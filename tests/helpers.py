@@ -96,3 +96,77 @@ def assert_low_precision(actual: torch.Tensor, torch_path: torch.Tensor, ref64: 
     ours = (actual.detach().double().cpu() - ref).abs().max().item()
     theirs = (torch_path.detach().double().cpu() - ref).abs().max().item()
     assert ours <= 2 * theirs, f"max error {ours:.4g} exceeds 2x PyTorch's own {actual.dtype} path ({theirs:.4g})"
+
+
+# ----------------------------------------------------------------------------- dense scanning
+
+# Lipschitz constants (sup |f'|) of the pointwise layers, for error propagation.
+_LIPSCHITZ = {"ReLU": 1.0, "LeakyReLU": 1.0, "ELU": 1.0, "GELU": 1.13, "SiLU": 1.1, "Sigmoid": 0.25, "Tanh": 1.0,
+              "Softmax": 1.0}
+
+
+def patch_loop(model, x: torch.Tensor, patch: int, step: int, batch: int = 256) -> torch.Tensor:
+    """The literal patch-by-patch scan: model applied to every patch x[..., i*step : i*step+patch, ...]
+    on its own. Returns (N, K, ny, nx)."""
+    n, _, h, w = x.shape
+    ny, nx = (h - patch) // step + 1, (w - patch) // step + 1
+    crops = [x[:, :, i * step:i * step + patch, j * step:j * step + patch] for i in range(ny) for j in range(nx)]
+    outs = []
+    with torch.no_grad():
+        for k in range(0, len(crops), batch):
+            chunk = torch.cat(crops[k:k + batch])  # (b*N, C, patch, patch)
+            y = model(chunk)
+            outs.append(y.reshape(-1, n, *y.shape[1:]).flatten(2))  # (b, N, K)
+    y = torch.cat(outs)  # (ny*nx, N, K)
+    return y.permute(1, 2, 0).reshape(n, y.shape[-1], ny, nx)
+
+
+def network_error_bound(layers, x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise bound on |f_dtype(x) - f(x)| (f exact) for a patch batch, propagated layer by
+    layer: a conv adds gamma_{n+2} * (|W| * |a| + |b|) to |W| * (incoming error); max pooling
+    passes the largest incoming error; average pooling averages it and adds its own summation
+    error; a pointwise layer scales it by its Lipschitz constant and adds two roundings.
+    ``layers`` is the normalised list of pyfastscan.dense._flatten (BatchNorm folded)."""
+    import torch.nn.functional as F
+
+    u = UNIT_ROUNDOFF[dtype]
+    a, e = x64, torch.zeros_like(x64)
+    with torch.no_grad():
+        for layer in layers:
+            m = layer.module
+            k, s, d = layer.kernel, layer.stride, layer.dilation
+            if layer.kind == "conv":
+                w = m.weight.double()
+                b = None if m.bias is None else m.bias.double()
+                n = w[0].numel() + 1
+                e = F.conv2d(e, w.abs(), None, s, 0, d) + gamma(n + 2, dtype) * F.conv2d(
+                    a.abs(), w.abs(), None if b is None else b.abs(), s, 0, d)
+                a = F.conv2d(a, w, b, s, 0, d)
+            elif layer.kind == "max":
+                e, a = F.max_pool2d(e, k, s, 0, d), F.max_pool2d(a, k, s, 0, d)
+            elif layer.kind == "avg":
+                e = F.avg_pool2d(e, k, s) + gamma(k * k + 2, dtype) * F.avg_pool2d(a.abs(), k, s)
+                a = F.avg_pool2d(a, k, s)
+            else:
+                a = m.double()(a)
+                e = _LIPSCHITZ[type(m).__name__] * e + 2 * u * a.abs()
+    return e
+
+
+def assert_dense_equals_patch_loop(model, dense, x: torch.Tensor):
+    """DESIGN.md 2.2 for one input: the dense map equals the literal patch loop, within twice
+    the propagated rounding bound of the input's dtype (both evaluate the same sums)."""
+    from pyfastscan.dense import _flatten
+
+    g = dense.geometry
+    with torch.no_grad():
+        out = dense(x)
+    loop = patch_loop(model, x, g.patch, g.step)
+    assert out.shape == loop.shape, f"dense map {tuple(out.shape)} != patch loop {tuple(loop.shape)}"
+    crops = [x[:, :, i * g.step:i * g.step + g.patch, j * g.step:j * g.step + g.patch].double()
+             for i in range(loop.shape[2]) for j in range(loop.shape[3])]
+    bound = network_error_bound(_flatten(model), torch.cat(crops), x.dtype)  # (ny*nx*N, K, 1, 1)
+    bound = bound.reshape(len(crops), x.shape[0], -1).permute(1, 2, 0).reshape(loop.shape)
+    err = (out.double() - loop.double()).abs()
+    bad = err > 2 * bound
+    assert not bad.any(), _where(bad, out.double(), loop.double(), 2 * bound)

@@ -1,0 +1,174 @@
+"""to_dense: the dense map equals a literal patch-by-patch loop (DESIGN.md 2.2, 2.3)."""
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_dense_equals_patch_loop
+from pyfastscan import InvalidArgumentError, geometry, to_dense
+from pyfastscan.models import tellez_cnn, vgg16_fcn
+
+
+def _brute_geometry(model, max_side=400):
+    """Smallest input with a 1x1 output (the patch), and the input growth per extra output."""
+    with torch.no_grad():
+        dtype = next(model.parameters()).dtype
+        side = 1
+        while side <= max_side:
+            try:
+                out = model(torch.zeros(1, 3, side, side, dtype=dtype))
+                if out.dim() == 2 or out.shape[-1] == 1:  # a Linear head gives (N, K)
+                    break
+            except RuntimeError:  # input too small for some layer
+                pass
+            side += 1
+        grow = side + 1
+        try:
+            while True:
+                out = model(torch.zeros(1, 3, grow, grow, dtype=dtype))
+                if not (out.dim() == 2 or out.shape[-1] == 1):
+                    break
+                grow += 1
+        except RuntimeError:  # a Linear head runs on S_p sizes only: past them, no stride to measure
+            return side, None if grow == side + 1 else grow - side
+    return side, grow - side
+
+
+def _seeded(model, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, std=(2.0 / m.weight[0].numel()) ** 0.5)
+            if m.bias is not None:
+                nn.init.normal_(m.bias, std=0.1)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.normal_(m.weight, 1.0, 0.2)
+            nn.init.normal_(m.bias, 0, 0.2)
+    return model.to(dtype).eval()
+
+
+def _input(geo, map_side, dtype, n=1, seed=1):
+    side = geo.input_side(map_side)
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, side, side, generator=g, dtype=torch.float64).to(dtype)
+
+
+VARIED = {
+    "k5_stride3pool": lambda: nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU(), nn.MaxPool2d(3, 3), nn.Conv2d(4, 5, 3),
+                                            nn.ELU(), nn.MaxPool2d(2), nn.Conv2d(5, 3, 2)),
+    "dilated_avgpool": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2), nn.Tanh(), nn.AvgPool2d(2),
+                                             nn.Conv2d(4, 4, 3, dilation=2), nn.GELU(), nn.AvgPool2d(2),
+                                             nn.Conv2d(4, 2, 3)),
+    "bn_linear_head": lambda: nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.SiLU(), nn.MaxPool2d(2)),
+        nn.Dropout(0.3), nn.Flatten(), nn.Linear(6 * 4 * 4, 8), nn.LeakyReLU(0.1), nn.Identity(),
+        nn.Linear(8, 3), nn.Softmax(dim=1)),
+    "strided_conv": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Sigmoid(), nn.Conv2d(4, 4, 3, stride=3),
+                                          nn.ReLU(), nn.Conv2d(4, 2, 2)),
+}
+
+
+def test_vgg16_fcn_geometry_is_table_one():
+    g = geometry(vgg16_fcn())
+    assert (g.patch, g.stride) == (244, 32)
+    narrow = _seeded(vgg16_fcn(width=1 / 32))
+    assert _brute_geometry(narrow) == (244, 32)
+
+
+def test_tellez_geometry():
+    model = tellez_cnn()
+    g = geometry(model)
+    assert (g.patch, g.stride) == (97, 4)
+    assert _brute_geometry(_seeded(tellez_cnn(gamma=0.1))) == (97, 4)
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [19, 19, 38, 38, 77, 77, 154, 154, 307, 2]  # Table II times gamma = 0.6
+
+
+@pytest.mark.parametrize("name", list(VARIED))
+def test_geometry_matches_brute_force(name):
+    model = _seeded(VARIED[name]())
+    g = geometry(model)
+    patch, stride = _brute_geometry(model)
+    assert g.patch == patch and (stride is None or g.stride == stride)
+
+
+@pytest.mark.parametrize("plan", ["minimal", "paper"])
+@pytest.mark.parametrize("alpha,map_side", [(1, 3), (2, 4), (4, 8), (8, 8)])
+def test_vgg16_fcn_dense_equals_patch_loop(alpha, map_side, plan):
+    model = _seeded(vgg16_fcn(width=1 / 32))
+    if plan == "paper" and alpha >= 4:
+        with pytest.raises(InvalidArgumentError, match="reconstruction layer"):
+            to_dense(model, alpha, plan=plan)
+        pytest.skip("plan='paper' with alpha >= 4 needs s_a < d_a at the reconstruction layer (not yet supported)")
+    dense = to_dense(model, alpha, plan=plan)
+    assert dense.geometry.step == 32 // alpha
+    assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, map_side, torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("alpha", [1, 2, 4])
+def test_tellez_dense_equals_patch_loop(alpha, dtype):
+    model = _seeded(tellez_cnn(gamma=0.1), dtype=dtype)
+    dense = to_dense(model, alpha)
+    assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, 2 * alpha + 1, dtype, n=2))
+
+
+@pytest.mark.parametrize("name,alphas", [("k5_stride3pool", [1, 2, 3, 6]), ("dilated_avgpool", [1, 2, 4]),
+                                         ("bn_linear_head", [1, 2, 4]), ("strided_conv", [1, 2, 3, 6])])
+@pytest.mark.parametrize("plan", ["minimal", "paper"])
+def test_varied_networks_dense_equals_patch_loop(name, alphas, plan):
+    model = _seeded(VARIED[name]())
+    for alpha in alphas:
+        try:
+            dense = to_dense(model, alpha, plan=plan)
+        except InvalidArgumentError as exc:
+            assert plan == "paper" and "reconstruction layer" in str(exc)
+            continue
+        assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, 2 * alpha + 1, torch.float64))
+
+
+def test_float32_vgg_minimal():
+    model = _seeded(vgg16_fcn(width=1 / 32), dtype=torch.float32)
+    dense = to_dense(model, 2)
+    assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, 4, torch.float32))
+
+
+def test_geometry_round_trip():
+    g = to_dense(_seeded(vgg16_fcn(width=1 / 32)), 2).geometry
+    # Eq. 1: L_r' = L_p + (L_m - 1) S_p + (alpha - 1) S_p / alpha gives alpha * L_m outputs
+    for lm in range(1, 6):
+        side = g.patch + (lm - 1) * g.stride + (g.alpha - 1) * g.step
+        assert g.input_side(2 * lm) == side and g.output_side(side) == 2 * lm
+    assert g.output_side(g.patch - 1) == 0
+
+
+def test_original_model_not_modified():
+    model = _seeded(VARIED["bn_linear_head"]())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    to_dense(model, 4)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model[0][0].stride == (1, 1)
+
+
+@pytest.mark.parametrize("model,alpha,message", [
+    (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), 1, "padding"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Upsample(scale_factor=2)), 1, r"position 1 \(Upsample\)"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3, groups=1), nn.MaxPool2d(2, ceil_mode=True)), 1, "ceil_mode"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).train()), 1, "training mode"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 2, 2)), 3, "alpha must be a positive integer"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 2, 2)), 0, "alpha"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 9 + 1, 2)), 1, "square feature map"),
+    (nn.Sequential(nn.Conv2d(3, 4, (3, 2))), 1, "non-square"),
+])
+def test_conversion_errors(model, alpha, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        to_dense(model, alpha)
+
+
+def test_input_smaller_than_patch():
+    dense = to_dense(_seeded(VARIED["strided_conv"]()), 2)
+    with pytest.raises(InvalidArgumentError, match="patch size"):
+        dense(torch.zeros(1, 3, dense.geometry.patch - 1, 50, dtype=torch.float64))
