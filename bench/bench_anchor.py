@@ -52,36 +52,35 @@ def _providers_conv(sa, da):
     return p
 
 
-def _record(benchmark, case, provider):
+def _setup(benchmark, make_providers, case, provider, group):
+    """The provider's function for this case (skips when it has none); records the run."""
+    providers = make_providers(*CASES[case])
+    if provider not in providers:
+        pytest.skip(f"no {provider} op for {case}")
+    benchmark.group = f"{group} {case}"
     benchmark.extra_info.update(case=case, provider=provider, torch=torch.__version__,
                                 threads=torch.get_num_threads())
+    return providers
 
 
 @pytest.mark.parametrize("provider", ["reference", "cpu", "pytorch"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_anch_pool2d(benchmark, case, provider):
-    sa, da = CASES[case]
-    providers = _providers_pool(sa, da)
-    if provider not in providers:
-        pytest.skip(f"no {provider} op for {case}")
+    providers = _setup(benchmark, _providers_pool, case, provider, f"anch_pool2d max {C}x{SIDE}x{SIDE} k2 dil{DIL}")
     x = _input()
     expected = providers["reference"](x)
     with torch.no_grad():
         assert_bitwise_equal(providers[provider](x), expected)
     if provider == "cpu":
         assert last_backend("anch_pool2d") == "cpu"
-    benchmark.group = f"anch_pool2d max {C}x{SIDE}x{SIDE} k2 dil{DIL} {case}"
-    _record(benchmark, case, provider)
     benchmark.pedantic(providers[provider], args=(x,), rounds=5, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("provider", ["reference", "cpu", "pytorch"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_anch_conv2d(benchmark, case, provider):
+    providers = _setup(benchmark, _providers_conv, case, provider, f"anch_conv2d {C}->{C} {SIDE}x{SIDE} k3 dil{DIL}")
     sa, da = CASES[case]
-    providers = _providers_conv(sa, da)
-    if provider not in providers:
-        pytest.skip(f"no {provider} op for {case}")
     x = _input()
     g = torch.Generator().manual_seed(1)
     w = torch.randn(C, C, 3, 3, generator=g) / (C * 9) ** 0.5
@@ -93,7 +92,5 @@ def test_anch_conv2d(benchmark, case, provider):
         abs_ref = anch_conv2d_ref(x.double().abs(), w.double().abs(), b.double().abs(), ax, ax)
         assert_within_bound(out, ref64, abs_ref, C * 9 + 1)
         del ref64, abs_ref
-    benchmark.group = f"anch_conv2d {C}->{C} {SIDE}x{SIDE} k3 dil{DIL} {case}"
-    _record(benchmark, case, provider)
     with torch.no_grad():
         benchmark.pedantic(providers[provider], args=(x, w, b), rounds=3, warmup_rounds=1)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .backends import build_info
-from .nn import AnchConv2d, AnchPool2d
+from .dense import to_dense
 from .ops import last_backend
 
 
@@ -25,38 +25,22 @@ def _summary(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _geometry(layers):
-    """Patch size and total stride of a chain of padding-free convs / pools."""
-    patch, stride = 1, 1
-    for layer in layers:
-        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d)):
-            k = layer.kernel_size if isinstance(layer.kernel_size, int) else layer.kernel_size[0]
-            s = layer.stride if isinstance(layer.stride, int) else layer.stride[0]
-            patch += (k - 1) * stride
-            stride *= s
-    return patch, stride
-
-
 def run(map_side: int = 32) -> dict:
     torch.manual_seed(0)
-    conv1, conv2, conv3 = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 2, 3)
-    sparse = nn.Sequential(conv1, nn.ReLU(), nn.MaxPool2d(2), conv2, nn.ReLU(), nn.MaxPool2d(2), conv3).double()
-    patch, stride = _geometry(sparse)
-    alpha = 2
-    # Fast ScanNet schedule (DESIGN.md 2.3) for alpha = 2: the second pooling is the
-    # reconstruction layer (AnchPool s_a = s_o = 2, d_a = alpha); conv3 after it runs with
-    # s_a = s_o * alpha = 2, d_a = alpha, dilation = alpha.
-    dense = nn.Sequential(conv1, nn.ReLU(), nn.MaxPool2d(2), conv2, nn.ReLU(),
-                          AnchPool2d(2, anchor_stride=2, operating_distance=alpha),
-                          AnchConv2d.from_conv(conv3, anchor_stride=1 * alpha, operating_distance=alpha,
-                                               dilation=alpha)).double()
-    side = patch + (map_side - 1) * stride + (alpha - 1) * stride // alpha  # DESIGN.md 2.2
+    sparse = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 16, 3), nn.ReLU(),
+                           nn.MaxPool2d(2), nn.Conv2d(16, 2, 3)).double()
+    # Fast ScanNet schedule (DESIGN.md 2.3): the second pooling becomes the reconstruction
+    # layer (AnchPool s_a = 2, d_a = alpha) and the last conv an AnchConv (s_a = d_a = alpha).
+    dense = to_dense(sparse, alpha=2, plan="paper")
+    g = dense.geometry
+    patch, stride, alpha = g.patch, g.stride, g.alpha
+    side = g.input_side(alpha * map_side)  # DESIGN.md 2.2, Eq. 1
     x = torch.rand(1, 3, side, side, dtype=torch.float64)
     with torch.no_grad():
         t0 = time.perf_counter()
         dense_map = dense(x)
         t_dense = time.perf_counter() - t0
-        step = stride // alpha
+        step = g.step
         n = dense_map.shape[-1]
         patches = torch.stack([x[0, :, i * step:i * step + patch, j * step:j * step + patch]
                                for i in range(n) for j in range(n)])
