@@ -53,11 +53,10 @@ class Geometry:
         return 0 if input_side < self.patch else (input_side - self.patch) // self.step + 1
 
 
-def _square(layer, attr, pos):
-    v = getattr(layer, attr)
-    v = (v, v) if isinstance(v, int) else tuple(v)
+def _square(value, attr, pos):
+    v = (value, value) if isinstance(value, int) else tuple(value)
     if v[0] != v[1]:
-        raise InvalidArgumentError(f"layer {pos} ({type(layer).__name__}) has non-square {attr}={v}; "
+        raise InvalidArgumentError(f"layer {pos} has non-square {attr}={v}; "
                                    "only square kernels, strides and dilations are supported")
     return v[0]
 
@@ -85,9 +84,8 @@ def _flatten(model: nn.Module) -> List[_Layer]:
     out: List[_Layer] = []
     channels: Optional[int] = None
     head_started = False
-    pos_name = {id(m): f"{i} ({type(m).__name__})" for i, m in enumerate(leaves)}
     for i, m in enumerate(leaves):
-        pos = pos_name[id(m)]
+        pos = f"{i} ({type(m).__name__})"
         if isinstance(m, REMOVED):
             continue
         if isinstance(m, nn.Conv2d):
@@ -100,8 +98,8 @@ def _flatten(model: nn.Module) -> List[_Layer]:
                                            "padding-free networks (padding makes a patch's output depend on "
                                            "where the patch lies)")
             conv = copy.deepcopy(m)
-            out.append(_Layer(conv, "conv", _square(m, "kernel_size", pos), _square(m, "stride", pos),
-                              _square(m, "dilation", pos)))
+            out.append(_Layer(conv, "conv", _square(m.kernel_size, "kernel_size", pos),
+                              _square(m.stride, "stride", pos), _square(m.dilation, "dilation", pos)))
             channels = m.out_channels
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             pad = m.padding if isinstance(m.padding, int) else max(m.padding)
@@ -112,11 +110,10 @@ def _flatten(model: nn.Module) -> List[_Layer]:
                 raise InvalidArgumentError(f"layer {pos} has divisor_override; not supported")
             if isinstance(m, nn.MaxPool2d) and m.return_indices:
                 raise InvalidArgumentError(f"layer {pos} returns indices; not supported")
-            stride = m.stride if m.stride is not None else m.kernel_size
-            fake = type("P", (), dict(kernel_size=m.kernel_size, stride=stride,
-                                      dilation=getattr(m, "dilation", 1)))
-            out.append(_Layer(m, "max" if isinstance(m, nn.MaxPool2d) else "avg", _square(fake, "kernel_size", pos),
-                              _square(fake, "stride", pos), _square(fake, "dilation", pos)))
+            stride = m.stride if m.stride is not None else m.kernel_size  # AvgPool2d's default
+            out.append(_Layer(m, "max" if isinstance(m, nn.MaxPool2d) else "avg",
+                              _square(m.kernel_size, "kernel_size", pos), _square(stride, "stride", pos),
+                              _square(getattr(m, "dilation", 1), "dilation", pos)))
         elif isinstance(m, nn.BatchNorm2d):
             if m.training or not m.track_running_stats:
                 raise InvalidArgumentError(f"layer {pos} is in training mode (or has no running statistics); "
@@ -133,8 +130,8 @@ def _flatten(model: nn.Module) -> List[_Layer]:
         elif isinstance(m, nn.Linear):
             if not head_started:
                 raise InvalidArgumentError(f"layer {pos}: Linear must come after Flatten")
-            out.append(_Layer(_linear_as_conv(m, channels, pos), "conv",
-                              *_linear_kernel(m, channels, pos), 1))
+            conv = _linear_as_conv(m, channels, pos)
+            out.append(_Layer(conv, "conv", conv.kernel_size[0], 1, 1))
             channels = m.out_features
         else:
             raise InvalidArgumentError(f"unsupported layer at position {pos}: {m!r}")
@@ -143,17 +140,13 @@ def _flatten(model: nn.Module) -> List[_Layer]:
     return out
 
 
-def _linear_kernel(m: nn.Linear, channels: int, pos: str):
-    side2, rem = divmod(m.in_features, channels)
-    side = math.isqrt(side2)
-    if rem or side * side != side2:
+def _linear_as_conv(m: nn.Linear, channels: int, pos: str) -> nn.Conv2d:
+    """The convolution equal to Flatten + Linear on a (channels, k, k) feature map."""
+    area, rem = divmod(m.in_features, channels)
+    k = math.isqrt(area)
+    if rem or k * k != area:
         raise InvalidArgumentError(f"layer {pos}: Linear in_features={m.in_features} is not {channels} channels "
                                    "times a square feature map")
-    return side, 1
-
-
-def _linear_as_conv(m: nn.Linear, channels: int, pos: str) -> nn.Conv2d:
-    k, _ = _linear_kernel(m, channels, pos)
     conv = nn.Conv2d(channels, m.out_features, k, bias=m.bias is not None).to(m.weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(m.weight.reshape(m.out_features, channels, k, k))  # Flatten is channel-major
