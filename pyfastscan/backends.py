@@ -161,3 +161,14 @@ def build_info() -> dict:
         "backends": {k: {"usable": r is None, "reason": r} for k, r in backends.items()},
         "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
     }
+
+
+def format_build_info(info: dict) -> str:
+    """build_info() as the few lines `pyfastscan info` prints."""
+    lines = [f"pyfastscan {info['version']} (torch {info['torch']}, triton {info['triton']})"]
+    for name, mod in info["native"].items():
+        lines.append(f"  {name}: " + ("loaded " + ", ".join(f"{k}={v}" for k, v in mod.items() if k != "loaded")
+                                      if mod["loaded"] else f"not loaded ({mod['error']})"))
+    for name, b in info["backends"].items():
+        lines.append(f"  backend {name:7s} " + ("usable" if b["usable"] else f"not usable: {b['reason']}"))
+    return "\n".join(lines)

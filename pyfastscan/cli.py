@@ -12,10 +12,10 @@ def main(argv=None) -> int:
     sub.add_parser("demo", help="run the demonstration on bundled / generated data")
     args = parser.parse_args(argv)
     if args.command == "info":
-        from .backends import build_info
-        from .demo import _summary
+        from .backends import build_info, format_build_info
 
-        print(json.dumps(build_info(), indent=2) if args.json else _summary(build_info()))
+        info = build_info()
+        print(json.dumps(info, indent=2) if args.json else format_build_info(info))
         return 0
     if args.command == "demo":
         from . import demo

@@ -10,19 +10,9 @@ import time
 import torch
 from torch import nn
 
-from .backends import build_info
+from .backends import build_info, format_build_info
 from .dense import to_dense
 from .ops import last_backend
-
-
-def _summary(info: dict) -> str:
-    lines = [f"pyfastscan {info['version']} (torch {info['torch']}, triton {info['triton']})"]
-    for name, mod in info["native"].items():
-        lines.append(f"  {name}: " + ("loaded " + ", ".join(f"{k}={v}" for k, v in mod.items() if k != "loaded")
-                                      if mod["loaded"] else f"not loaded ({mod['error']})"))
-    for name, b in info["backends"].items():
-        lines.append(f"  backend {name:7s} " + ("usable" if b["usable"] else f"not usable: {b['reason']}"))
-    return "\n".join(lines)
 
 
 def run(map_side: int = 32) -> dict:
@@ -54,7 +44,7 @@ def run(map_side: int = 32) -> dict:
 
 
 def main() -> int:
-    print(_summary(build_info()))
+    print(format_build_info(build_info()))
     print("\nDemo (interim, random weights; the whole-slide demo replaces it when the scan pipeline lands):")
     r = run()
     print(f"  patch classifier: patch {r['patch']} px, stride {r['stride']} px; dense factor alpha = {r['alpha']}")

@@ -1,7 +1,6 @@
 // CPU kernels of the anchor operations. Parallel over (image*channel, output row).
 #include "anchor_cpu.h"
 
-#include <cmath>
 #include <vector>
 
 namespace pyfastscan {
@@ -85,8 +84,6 @@ void im2col_impl(const E* x, E* col, int64_t n, int64_t c, int64_t h, int64_t w,
                  const AnchorAxis& ay, const AnchorAxis& ax, int64_t row0, int64_t row1) {
   const int64_t wo = anchor_out_len(w, ax), rows = row1 - row0, kk = ay.kernel * ax.kernel;
   const int64_t plane_out = rows * wo;
-  std::vector<int64_t> col_start(wo);
-  for (int64_t q = 0; q < wo; ++q) col_start[q] = anchor_start(q, ax);
 #pragma omp parallel for collapse(3) schedule(static)
   for (int64_t b = 0; b < n; ++b)
     for (int64_t ch = 0; ch < c; ++ch)
@@ -98,7 +95,7 @@ void im2col_impl(const E* x, E* col, int64_t n, int64_t c, int64_t h, int64_t w,
           for (int64_t p = row0; p < row1; ++p) {
             const E* src = plane + anchor_tap(p, ty, ay) * w + dx;
             E* d = dst + (p - row0) * wo;
-            for (int64_t q = 0; q < wo; ++q) d[q] = src[col_start[q]];
+            for_each_column(wo, ax, [&](int64_t q, int64_t xs) { d[q] = src[xs]; });
           }
         }
       }

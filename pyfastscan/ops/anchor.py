@@ -231,11 +231,12 @@ def anch_conv2d_cpu(x, weight, bias, ay: AnchorAxis, ax: AnchorAxis) -> torch.Te
     wm = weight.reshape(o, ckk).expand(n, o, ckk)
     bias_b = None if bias is None else bias.view(1, o, 1)
     out = torch.empty((n, o, ho, wo), dtype=x.dtype)
+    x_buf = _buffer(xc)
     rows = max(1, min(ho, _COL_BUDGET_BYTES // max(1, n * ckk * wo * x.element_size())))
     for r0 in range(0, ho, rows):
         r1 = min(ho, r0 + rows)
         col = torch.empty((n, ckk, (r1 - r0) * wo), dtype=x.dtype)
-        _native.cpu().anchor_im2col(_buffer(xc), _buffer(col), tuple(ay), tuple(ax), r0, r1)
+        _native.cpu().anchor_im2col(x_buf, _buffer(col), tuple(ay), tuple(ax), r0, r1)
         block = torch.bmm(wm, col) if bias_b is None else torch.baddbmm(bias_b.expand(n, o, col.shape[2]), wm, col)
         out[:, :, r0:r1, :] = block.view(n, o, r1 - r0, wo)
     return out
