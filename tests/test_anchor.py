@@ -23,6 +23,8 @@ CASES = [
     ((3, 2, 29, 31), 3, 6, 2, (2, 3)),      # s_a = 3 d_a, mixed dilation
     ((1, 1, 9, 10), (2, 3), (5, 3), (3, 2), 1),
     ((2, 4, 12, 12), 2, 2, 1, 3),           # dilated standard layer
+    ((1, 2, 17, 18), 2, 2, 4, 1),           # s_a < d_a: overlapping groups (paper plan, alpha 4)
+    ((2, 1, 21, 14), (2, 3), (1, 3), (3, 2), (2, 1)),  # s_a < d_a per axis, mixed with s_a > d_a
 ]
 LAYOUTS = ("contiguous", "non_contiguous", "channels_last")
 CPU_BACKENDS = ("cpu", "triton")
@@ -56,9 +58,9 @@ def kwargs(c):
 
 
 @settings(max_examples=300, deadline=None)
-@given(n=st.integers(1, 60), k=st.integers(1, 5), d=st.integers(1, 4), da=st.integers(1, 5), extra=st.integers(0, 6))
-def test_out_len_closed_form_matches_enumeration_and_cpp(n, k, d, da, extra):
-    axis = AnchorAxis(k, d, da + extra, da)
+@given(n=st.integers(1, 60), k=st.integers(1, 5), d=st.integers(1, 4), da=st.integers(1, 6), sa=st.integers(1, 10))
+def test_out_len_closed_form_matches_enumeration_and_cpp(n, k, d, da, sa):
+    axis = AnchorAxis(k, d, sa, da)
     taps = anchor_taps(n, *axis)
     assert axis.out_len(n) == taps.shape[0]
     if _native.cpu() is not None:
@@ -78,6 +80,9 @@ def test_reference_hand_computed_1d():
     w = torch.tensor([[[[1.0, 10.0]]]])
     out = anch_conv2d_ref(x, w, torch.tensor([0.5]), (1, 1, 1, 1), (2, 2, 4, 2))
     assert out.flatten().tolist() == [20.5, 31.5, 64.5, 75.5]
+    # s_a = 2 < d_a = 4, n = 9, K = 2, so starts must be <= 7: groups 0 1 2 3 | 2 3 4 5 |
+    # 4 5 6 7 | 6 7, and start 8 ends the prefix at 14 outputs.
+    assert anchor_taps(9, 2, 1, 2, 4)[:, 0].tolist() == [0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7]
 
 
 @pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (3, 2), (1, 3)])
@@ -229,7 +234,6 @@ def test_fallback_is_logged_and_correct(caplog):
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda x, w: anch_pool2d(x, 2, anchor_stride=1, operating_distance=2), "anchor_stride must be >="),
     (lambda x, w: anch_pool2d(x, 0, anchor_stride=1, operating_distance=1), "kernel_size must be positive"),
     (lambda x, w: anch_pool2d(x, 2, anchor_stride=-1, operating_distance=1), "anchor_stride must be positive"),
     (lambda x, w: anch_pool2d(x, 2, anchor_stride=1, operating_distance=1, dilation=(1, 0)), "dilation"),
@@ -246,7 +250,6 @@ def test_fallback_is_logged_and_correct(caplog):
     (lambda x, w: anch_conv2d(x, w, torch.zeros(2), anchor_stride=1, operating_distance=1), r"bias must have shape"),
     (lambda x, w: anch_conv2d(x, w, torch.zeros(4, dtype=torch.float64), anchor_stride=1, operating_distance=1),
      "bias dtype"),
-    (lambda x, w: anch_conv2d(x, w, anchor_stride=(2, 1), operating_distance=(1, 2)), "anchor_stride must be >="),
     (lambda x, w: anch_conv2d(x, torch.zeros(4, 3, 9, 2), anchor_stride=1, operating_distance=1), "kernel larger"),
 ])
 def test_bad_arguments_raise_value_error(call, message):

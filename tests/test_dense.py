@@ -3,9 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_dense_equals_patch_loop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import assert_dense_equals_patch_loop, assert_low_precision, patch_loop
 from pyfastscan import InvalidArgumentError, geometry, to_dense
 from pyfastscan.models import tellez_cnn, vgg16_fcn
+from pyfastscan.ops import last_backend
 
 
 def _brute_geometry(model, max_side=400):
@@ -95,13 +99,10 @@ def test_geometry_matches_brute_force(name):
 
 
 @pytest.mark.parametrize("plan", ["minimal", "paper"])
-@pytest.mark.parametrize("alpha,map_side", [(1, 3), (2, 4), (4, 8), (8, 8)])
+@pytest.mark.parametrize("alpha,map_side", [(1, 3), (2, 4), (4, 8), (4, 5), (8, 8), (8, 11)])
 def test_vgg16_fcn_dense_equals_patch_loop(alpha, map_side, plan):
+    # map sides that are not a multiple of alpha exercise the paper plan's whole-group padding
     model = _seeded(vgg16_fcn(width=1 / 32))
-    if plan == "paper" and alpha >= 4:
-        with pytest.raises(InvalidArgumentError, match="reconstruction layer"):
-            to_dense(model, alpha, plan=plan)
-        pytest.skip("plan='paper' with alpha >= 4 needs s_a < d_a at the reconstruction layer (not yet supported)")
     dense = to_dense(model, alpha, plan=plan)
     assert dense.geometry.step == 32 // alpha
     assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, map_side, torch.float64))
@@ -129,10 +130,83 @@ def test_varied_networks_dense_equals_patch_loop(name, alphas, plan):
         assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, 2 * alpha + 1, torch.float64))
 
 
-def test_float32_vgg_minimal():
+@pytest.mark.parametrize("plan", ["minimal", "paper"])
+def test_float32_vgg(plan):
     model = _seeded(vgg16_fcn(width=1 / 32), dtype=torch.float32)
-    dense = to_dense(model, 2)
-    assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, 4, torch.float32))
+    dense = to_dense(model, 4, plan=plan)
+    assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, 6, torch.float32))
+
+
+def _bf16_patch_loop(model, x, geo):
+    """PyTorch's own bfloat16 path: the patch loop under bf16 autocast, channels_last."""
+    model = model.to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return patch_loop(model, x.contiguous(memory_format=torch.channels_last), geo.patch, geo.step).float()
+
+
+@pytest.mark.parametrize("name,alpha,plan,map_side", [("vgg16_fcn", 2, "minimal", 4), ("vgg16_fcn", 4, "paper", 6),
+                                                      ("tellez", 2, "minimal", 9)])
+def test_bf16_within_twice_pytorch_bf16_error(name, alpha, plan, map_side):
+    """DESIGN.md 5 low-precision rule, against the float32 patch loop."""
+    model = _seeded(vgg16_fcn(width=1 / 8) if name == "vgg16_fcn" else tellez_cnn(gamma=0.25), dtype=torch.float32)
+    dense = to_dense(model, alpha, plan=plan, precision="bf16")
+    x = _input(dense.geometry, map_side, torch.float32)
+    with torch.no_grad():
+        out = dense(x)
+    assert out.dtype == torch.float32 and next(dense.parameters()).dtype == torch.bfloat16
+    ref = patch_loop(model, x, dense.geometry.patch, dense.geometry.step)
+    assert_low_precision(out, _bf16_patch_loop(model, x, dense.geometry), ref)
+
+
+def test_compiled_dense_equals_patch_loop():
+    model = _seeded(VARIED["strided_conv"](), dtype=torch.float32)
+    dense = to_dense(model, 2, compile=True)
+    assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, 5, torch.float32))
+
+
+def test_dense_model_is_frozen_and_runs_the_native_path_under_grad_mode():
+    dense = to_dense(_seeded(VARIED["bn_linear_head"]()), 4, plan="paper")  # AnchPool s_a=2, d_a=4, AnchConv
+    assert not any(p.requires_grad for p in dense.parameters()) and not dense.training
+    dense(_input(dense.geometry, 4, torch.float64))  # grad mode on: frozen weights keep the C++ path
+    assert last_backend("anch_conv2d") == "cpu" and last_backend("anch_pool2d") == "cpu"
+
+
+_ACTS = [nn.ReLU, nn.ELU, nn.Tanh, nn.SiLU]
+
+
+@st.composite
+def _architectures(draw):
+    """Random padding-free nets: 2-4 blocks of conv (+ activation) and optional pooling."""
+    layers, c = [], 3
+    for _ in range(draw(st.integers(2, 4))):
+        o = draw(st.integers(1, 3))
+        layers.append(nn.Conv2d(c, o, draw(st.integers(1, 4)), stride=draw(st.integers(1, 2)),
+                                dilation=draw(st.integers(1, 2))))
+        layers.append(draw(st.sampled_from(_ACTS))())
+        c = o
+        pool = draw(st.sampled_from(["none", "max", "avg"]))
+        if pool != "none":
+            k, s = draw(st.integers(2, 3)), draw(st.integers(1, 3))
+            layers.append(nn.MaxPool2d(k, s, dilation=draw(st.integers(1, 2))) if pool == "max"
+                          else nn.AvgPool2d(k, s))
+    layers.append(nn.Conv2d(c, 2, 1))
+    return nn.Sequential(*layers)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=_architectures(), pick=st.integers(0, 100), plan=st.sampled_from(["minimal", "paper"]),
+       extra=st.integers(0, 3))
+def test_generated_architectures_dense_equals_patch_loop(arch, pick, plan, extra):
+    model = _seeded(arch)
+    geo = geometry(model)
+    divisors = [a for a in range(1, geo.stride + 1) if geo.stride % a == 0]
+    alpha = divisors[pick % len(divisors)]
+    try:
+        dense = to_dense(model, alpha, plan=plan)
+    except InvalidArgumentError as exc:  # the paper schedule is undefined for some stride sequences
+        assert plan == "paper" and "reconstruction layer" in str(exc)
+        return
+    assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, alpha + extra, torch.float64))
 
 
 def test_geometry_round_trip():
@@ -166,6 +240,14 @@ def test_original_model_not_modified():
 def test_conversion_errors(model, alpha, message):
     with pytest.raises(InvalidArgumentError, match=message):
         to_dense(model, alpha)
+
+
+def test_bad_plan_and_precision():
+    model = VARIED["strided_conv"]()
+    with pytest.raises(InvalidArgumentError, match="plan must be"):
+        to_dense(model, 2, plan="fast")
+    with pytest.raises(InvalidArgumentError, match="precision must be"):
+        to_dense(model, 2, precision="fp16")
 
 
 def test_input_smaller_than_patch():

@@ -2,16 +2,14 @@
 // kernels so that the CPU tests cover the arithmetic the GPU kernels run.
 //
 // Per axis, an anchor operation has kernel size K, dilation d, anchor stride s_a and
-// operating distance d_a (s_a >= d_a >= 1). Output index p reads input positions
+// operating distance d_a (s_a, d_a >= 1). Output index p reads input positions
 //     start(p) = (p / d_a) * s_a + (p % d_a),   tap(p, t) = start(p) + d * t.
+// When s_a < d_a (the paper plan's reconstruction layer for alpha > its stride),
+// neighbouring groups overlap and start(p) is not monotonic.
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PFS_HD __host__ __device__ __forceinline__
-#else
-#define PFS_HD inline
-#endif
+#include "hd.h"
 
 namespace pyfastscan {
 
@@ -30,14 +28,17 @@ PFS_HD int64_t anchor_tap(int64_t p, int64_t t, const AnchorAxis& a) {
   return anchor_start(p, a) + a.dilation * t;
 }
 
-// Number of outputs p with tap(p, K-1) <= n-1. They form a prefix (s_a >= d_a):
-// with m = n - 1 - d*(K-1), groups q < m / s_a are full (d_a outputs each) and the
-// last group holds min(d_a, m % s_a + 1).
+// Number of outputs: the longest prefix of p whose taps all lie inside [0, n-1].
+// (For s_a >= d_a every valid p is in it.) With m = n - 1 - d*(K-1), group g
+// (outputs g*d_a .. g*d_a + d_a-1, starts g*s_a .. g*s_a + d_a-1) is whole when
+// g*s_a + d_a - 1 <= m: groups 0 .. full-1 are whole, then the next group
+// contributes the outputs whose start is <= m.
 PFS_HD int64_t anchor_out_len(int64_t n, const AnchorAxis& a) {
   const int64_t m = n - 1 - a.dilation * (a.kernel - 1);
   if (m < 0) return 0;
-  const int64_t q = m / a.anchor_stride, rem = m % a.anchor_stride;
-  return q * a.operating_distance + (rem + 1 < a.operating_distance ? rem + 1 : a.operating_distance);
+  const int64_t full = m >= a.operating_distance - 1 ? (m - a.operating_distance + 1) / a.anchor_stride + 1 : 0;
+  const int64_t rest = m - full * a.anchor_stride + 1;  // starts of group `full` that are <= m
+  return full * a.operating_distance + (rest <= 0 ? 0 : (rest < a.operating_distance ? rest : a.operating_distance));
 }
 
 }  // namespace pyfastscan

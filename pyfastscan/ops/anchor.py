@@ -44,13 +44,18 @@ class AnchorAxis(NamedTuple):
         return self.dilation * (self.kernel - 1) + 1
 
     def out_len(self, n: int) -> int:
-        """Number of output positions for an input of length n (closed form of the
-        enumeration in the reference; the C++ header has the same formula)."""
+        """Number of output positions for an input of length n: the longest prefix of
+        p whose taps are all inside the input (closed form of the enumeration in the
+        reference; the C++ header has the same formula). Group g (outputs g*d_a ..
+        g*d_a + d_a - 1) is whole when g*s_a + d_a - 1 <= m = n - span; the group after the
+        whole ones contributes the outputs whose start is <= m."""
         m = n - self.span
         if m < 0:
             return 0
-        q, rem = divmod(m, self.anchor_stride)
-        return q * self.operating_distance + min(self.operating_distance, rem + 1)
+        da = self.operating_distance
+        full = (m - da + 1) // self.anchor_stride + 1 if m >= da - 1 else 0
+        rest = m - full * self.anchor_stride + 1
+        return full * da + max(0, min(da, rest))
 
     @property
     def is_standard(self) -> Optional[Tuple[int, int]]:
@@ -82,10 +87,6 @@ def _axes(x_hw, kernel_size, dilation, anchor_stride, operating_distance) -> Tup
     axes = tuple(AnchorAxis(k[i], d[i], s[i], da[i]) for i in range(2))
     for i, name in enumerate(("height", "width")):
         a = axes[i]
-        if a.anchor_stride < a.operating_distance:
-            raise InvalidArgumentError(
-                f"anchor_stride must be >= operating_distance on every axis, got anchor_stride={anchor_stride!r}, "
-                f"operating_distance={operating_distance!r}")
         if a.span > x_hw[i]:
             raise InvalidArgumentError(
                 f"kernel larger than the input: kernel_size={kernel_size!r} with dilation={dilation!r} spans "
@@ -132,7 +133,8 @@ def anch_pool2d(x: torch.Tensor, kernel_size: IntOrPair, *, anchor_stride: IntOr
     Args:
         x: (N, C, H, W), float32, float64 or bfloat16.
         kernel_size, anchor_stride, operating_distance, dilation: int or (h, w) pair;
-            anchor_stride >= operating_distance >= 1.
+            all >= 1. anchor_stride < operating_distance is allowed (groups overlap; the
+            output is the longest prefix of positions whose taps are inside the input).
         mode: "max" (bitwise equal on every backend) or "avg" (mean of the K*K taps).
         backend: "auto", "torch", "cpu", "cuda" or "triton" (see pyfastscan.backends).
     Returns:

@@ -2,7 +2,8 @@
 
 Per axis, output index p reads input positions
     start(p) = (p // d_a) * s_a + (p % d_a),   taps(p) = start(p) + d * t,  t = 0..K-1,
-for every p with start(p) + d*(K-1) <= n-1.
+for p = 0, 1, ... up to the first p with start(p) + d*(K-1) > n-1 (for s_a >= d_a that
+is every valid p; for s_a < d_a, where start is not monotonic, the longest valid prefix).
 """
 import torch
 
@@ -11,8 +12,8 @@ def anchor_taps(n: int, kernel: int, dilation: int, anchor_stride: int, operatin
     """Input positions read by each output index along one axis.
 
     Returns:
-        LongTensor of shape (P, kernel): row p holds taps(p). P counts every p whose last
-        tap is inside the input, found by enumeration (no closed form).
+        LongTensor of shape (P, kernel): row p holds taps(p). P is the length of the longest
+        prefix of p whose last tap is inside the input, found by enumeration (no closed form).
     """
     rows = []
     p = 0
