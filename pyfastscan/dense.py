@@ -234,8 +234,9 @@ class DenseModel(nn.Module):
         """Convolution multiply-adds of one forward pass on a side x side input (per image),
         counted from the layers' shapes: the cost model the benchmarks compare against."""
         g = self.geometry
-        n = g.output_side(side)
-        n = g.input_side(-(-n // self.group) * self.group) if n else side
+        out = g.output_side(side)
+        whole = -(-out // self.group) * self.group
+        n = g.input_side(whole) if whole != out else side  # forward pads to whole groups
         total = 0
         for m in self.layers:
             if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):

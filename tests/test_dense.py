@@ -254,3 +254,19 @@ def test_input_smaller_than_patch():
     dense = to_dense(_seeded(VARIED["strided_conv"]()), 2)
     with pytest.raises(InvalidArgumentError, match="patch size"):
         dense(torch.zeros(1, 3, dense.geometry.patch - 1, 50, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("plan,alpha,map_side", [("minimal", 4, 5), ("paper", 4, 5), ("paper", 2, 3)])
+def test_multiply_adds_match_the_layers_that_run(plan, alpha, map_side):
+    """The cost model the benchmark prints equals the convolutions' actual output shapes."""
+    from pyfastscan.nn import AnchConv2d
+
+    dense = to_dense(_seeded(vgg16_fcn(width=1 / 32)), alpha, plan=plan)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.shape[-2] * o.shape[-1] * m.weight.numel()))
+             for m in dense.layers if isinstance(m, (nn.Conv2d, AnchConv2d))]
+    side = dense.geometry.input_side(map_side) + 3
+    dense(torch.zeros(1, 3, side, side, dtype=torch.float64))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 16 and dense.multiply_adds(side) == sum(seen)
