@@ -3,7 +3,9 @@
     python bench/report.py results.json [--baseline cpu]
 
 Ratios are other provider's median / baseline's median within one group (one run, same
-input), so > 1 means the baseline is faster.
+input), so > 1 means the baseline is faster. Benchmarks of bench_dense.py (extra_info
+suite "dense") get their own table: measured time ratios beside multiply-add ratios, and
+the issue's targets marked met or missed.
 """
 import argparse
 import json
@@ -17,20 +19,77 @@ def main():
     args = ap.parse_args()
     data = json.load(open(args.json_file))
     groups = defaultdict(dict)
+    dense = [b for b in data["benchmarks"] if b.get("extra_info", {}).get("suite") == "dense"]
     for b in data["benchmarks"]:
+        if b in dense:
+            continue
         provider = b.get("extra_info", {}).get("provider", b["name"])
-        groups[b["group"]][provider] = b["stats"]
+        groups[b["group"]][provider] = dict(b["stats"], mpx=b.get("extra_info", {}).get("megapixels"))
     m = data.get("machine_info", {})
     c = data.get("commit_info", {})
     print(f"machine: {m.get('cpu', {}).get('brand_raw', '?')}, {m.get('cpu', {}).get('count', '?')} cpus; "
           f"python {m.get('python_version', '?')}; commit {c.get('id', '?')[:10]}")
-    print(f"| group | provider | median ms | IQR ms | median / {args.baseline} median |")
-    print("|---|---|---|---|---|")
+    print(f"| group | provider | median ms | IQR ms | median / {args.baseline} median | Mpx/s |")
+    print("|---|---|---|---|---|---|")
     for group, provs in groups.items():
         base = provs.get(args.baseline, {}).get("median")
         for p, s in sorted(provs.items(), key=lambda kv: kv[1]["median"]):
             ratio = f"{s['median'] / base:.2f}x" if base else "-"
-            print(f"| {group} | {p} | {s['median'] * 1e3:.1f} | {s['iqr'] * 1e3:.1f} | {ratio} |")
+            mpx = f"{s['mpx'] / s['median']:.0f}" if s["mpx"] else "-"
+            print(f"| {group} | {p} | {s['median'] * 1e3:.1f} | {s['iqr'] * 1e3:.1f} | {ratio} | {mpx} |")
+        if "memcpy" in provs and base:  # a kernel moving the same bytes as a copy: the traffic bound
+            print(f"  {group}: {args.baseline} reaches {provs['memcpy']['median'] / base:.2f} of the copy-bandwidth "
+                  f"bound (memcpy of the same bytes)")
+    if dense:
+        dense_report(dense)
+
+
+def _mark(ok):
+    return "met" if ok else "MISSED"
+
+
+def dense_report(benchmarks):
+    """Per precision: each provider's median for the whole ROI (patch-based scaled from its
+    batch), its ratio to the alpha = 1 dense scan, and the same ratio of multiply-adds."""
+    for precision in sorted({b["extra_info"]["precision"] for b in benchmarks}):
+        rows = {}
+        for b in benchmarks:
+            e = b["extra_info"]
+            if e["precision"] != precision:
+                continue
+            if e["kind"] == "patch":  # one row per alpha: (alpha * L_m)^2 patches
+                lm = int(b["group"].split("L_m=")[1].split()[0])
+                for alpha in (1, 2, 4):
+                    n = (alpha * lm) ** 2 * e["scale"]
+                    rows[f"patch a={alpha} (scaled)"] = (b["stats"]["median"] * n, e["macs"] * n, alpha)
+            else:
+                rows[e["provider"]] = (b["stats"]["median"], e["macs"], e["alpha"])
+        base = rows.get("dense a=1 minimal")
+        if base is None:
+            continue
+        print(f"\n{precision}: whole ROI, median of the run; ratios to dense a=1")
+        print("| provider | median s | time / dense a=1 | multiply-adds / dense a=1 |")
+        print("|---|---|---|---|")
+        for name, (t, macs, _) in sorted(rows.items(), key=lambda kv: kv[1][0]):
+            print(f"| {name} | {t:.3f} | {t / base[0]:.3f}x | {macs / base[1]:.3f}x |")
+        print("targets:")
+        for alpha, limit in ((2, 1.05), (4, 1.45)):
+            for plan in ("minimal", "paper"):
+                r = rows.get(f"dense a={alpha} {plan}")
+                if r:
+                    ratio = r[0] / base[0]
+                    print(f"  a={alpha} {plan}: {ratio:.3f}x a=1 (target <= {limit}x): {_mark(ratio <= limit)}")
+        for plan in ("minimal", "paper"):
+            d, sas = rows.get(f"dense a=2 {plan}"), rows.get("shift-stitch a=2")
+            if d and sas:
+                speed = sas[0] / d[0]
+                print(f"  a=2 {plan} vs shift-and-stitch: {speed:.2f}x faster (target >= 3.7x): {_mark(speed >= 3.7)}")
+        for alpha in (1, 2, 4):
+            d, p = rows.get(f"dense a={alpha} minimal"), rows.get(f"patch a={alpha} (scaled)")
+            if d and p:
+                speed, mac_ratio = p[0] / d[0], p[1] / d[1]
+                print(f"  a={alpha} vs patch-based (scaled): {speed:.1f}x faster, multiply-add ratio {mac_ratio:.1f}x, "
+                      f"{speed / mac_ratio:.2f} of it (target >= 0.9): {_mark(speed >= 0.9 * mac_ratio)}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@
 #include <tuple>
 
 #include "cpu/anchor_cpu.h"
+#include "cpu/stain_cpu.h"
+#include "cpu/hotspot_cpu.h"
+#include "hed.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -86,6 +89,69 @@ void anchor_im2col(py::array x, py::array col, Axis axis_y, Axis axis_x, int64_t
   anchor_im2col_cpu(xp, cp, es, n, c, h, w, ay, ax, row0, row1);
 }
 
+// x, out: (N, ...) C-contiguous, 3 * hw elements per image; returns hw.
+int64_t check_images(const py::array& x, const py::array& out) {
+  require(x.ndim() >= 2 && (x.flags() & py::array::c_style) != 0, "x must be C-contiguous with a batch axis");
+  require((out.flags() & py::array::c_style) != 0 && out.writeable(), "out must be C-contiguous and writeable");
+  require(x.dtype().is(out.dtype()) && x.size() == out.size() && out.shape(0) == x.shape(0),
+          "x and out must have the same dtype and size");
+  const int64_t n = x.shape(0);
+  require(n == 0 || x.size() % (3 * n) == 0, "each image must hold 3 * H * W values");
+  return n == 0 ? 0 : x.size() / (3 * n);
+}
+
+void hed_augment_u8(py::array x, py::array out, py::array tables, bool interleaved) {
+  const int64_t hw = check_images(x, out), n = x.shape(0);
+  require(x.dtype().is(py::dtype::of<uint8_t>()), "x must be uint8");
+  require(tables.dtype().is(py::dtype::of<float>()), "tables must be float32");
+  check_buffer(tables, "tables", 4);
+  require(tables.shape(0) == n && tables.shape(1) == 3 && tables.shape(2) == 3 && tables.shape(3) == kHedTable,
+          "tables must have shape (N, 3, 3, 256)");
+  const auto* xp = static_cast<const uint8_t*>(x.data());
+  auto* op = static_cast<uint8_t*>(out.mutable_data());
+  const auto* tp = static_cast<const float*>(tables.data());
+  py::gil_scoped_release nogil;
+  hed_augment_u8_cpu(xp, op, n, hw, interleaved, tp);
+}
+
+template <typename T>
+void hed_augment_float_t(const py::array& x, py::array& out, const py::array& m, const py::array& k, bool interleaved) {
+  const int64_t hw = check_images(x, out), n = x.shape(0);
+  check_buffer(m, "m", 3);
+  check_buffer(k, "k", 2);
+  require(m.dtype().is(x.dtype()) && k.dtype().is(x.dtype()), "m and k must have the dtype of x");
+  require(m.shape(0) == n && m.shape(1) == 3 && m.shape(2) == 3 && k.shape(0) == n && k.shape(1) == 3,
+          "m must be (N, 3, 3) and k (N, 3)");
+  const T* xp = static_cast<const T*>(x.data());
+  T* op = static_cast<T*>(out.mutable_data());
+  const T *mp = static_cast<const T*>(m.data()), *kp = static_cast<const T*>(k.data());
+  py::gil_scoped_release nogil;
+  hed_augment_float_cpu(xp, op, n, hw, interleaved, mp, kp);
+}
+
+void hed_augment_float(py::array x, py::array out, py::array m, py::array k, bool interleaved) {
+  if (x.dtype().is(py::dtype::of<float>())) return hed_augment_float_t<float>(x, out, m, k, interleaved);
+  if (x.dtype().is(py::dtype::of<double>())) return hed_augment_float_t<double>(x, out, m, k, interleaved);
+  throw std::invalid_argument("pyfastscan._C: hed_augment_float takes float32 or float64");
+}
+
+void hotspot_rows(py::array_t<double, py::array::c_style> xs, py::array_t<double, py::array::c_style> ys,
+                  double step, int64_t n_cols, int64_t row0, int64_t row1, bool circle, double r2, double half_w,
+                  double half_h, py::array out) {
+  require(xs.ndim() == 1 && ys.ndim() == 1 && xs.shape(0) == ys.shape(0), "xs and ys must be 1-D of equal length");
+  check_buffer(out, "out", 2);
+  require(out.dtype().is(py::dtype::of<int32_t>()) && out.writeable(), "out must be writeable int32");
+  require(0 <= row0 && row0 <= row1 && out.shape(0) == row1 - row0 && out.shape(1) == n_cols,
+          "out must have shape (row1 - row0, n_cols)");
+  require(step > 0, "step must be positive");
+  const double *xp = xs.data(), *yp = ys.data();
+  const int64_t d = xs.shape(0);
+  auto* op = static_cast<int32_t*>(out.mutable_data());
+  const HotspotWindow w{circle, r2, half_w, half_h};
+  py::gil_scoped_release nogil;
+  hotspot_rows_cpu(xp, yp, d, step, n_cols, row0, row1, w, op);
+}
+
 py::dict build_info() {
   py::dict d;
 #if defined(__clang__)
@@ -115,5 +181,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("row0"), py::arg("row1"));
   m.def("anchor_out_len", [](int64_t n, Axis a) { return anchor_out_len(n, to_axis(a)); }, py::arg("n"),
         py::arg("axis"));
+  m.def("hed_augment_u8", &hed_augment_u8, py::arg("x"), py::arg("out"), py::arg("tables"), py::arg("interleaved"));
+  m.def("hed_augment_float", &hed_augment_float, py::arg("x"), py::arg("out"), py::arg("m"), py::arg("k"),
+        py::arg("interleaved"));
+  m.def("hotspot_rows", &hotspot_rows, py::arg("xs"), py::arg("ys"), py::arg("step"), py::arg("n_cols"),
+        py::arg("row0"), py::arg("row1"), py::arg("circle"), py::arg("r2"), py::arg("half_w"), py::arg("half_h"),
+        py::arg("out"));
   m.def("build_info", &build_info);
 }

@@ -1,7 +1,7 @@
 """Backend choice, in one place.
 
 Every op offers some of the backends ``torch`` (the pure-PyTorch reference), ``cpu``
-(C++), ``cuda`` (CUDA C++) and ``triton``. ``backend="auto"`` walks a priority list for
+(C++), ``cuda`` (CUDA C++), ``triton`` and ``numba`` (Numba CUDA). ``backend="auto"`` walks a priority list for
 the input's device and takes the first backend that can run the call; a backend that
 cannot says why. The environment variable ``PYFASTSCAN_BACKEND`` replaces ``"auto"``
 (an explicit ``backend=`` argument still wins). The backend that ran is recorded:
@@ -9,7 +9,8 @@ cannot says why. The environment variable ``PYFASTSCAN_BACKEND`` replaces ``"aut
 
 Triton runs on CPU tensors only under its interpreter (``TRITON_INTERPRET=1``, set before
 the first kernel module is imported), and ``auto`` never picks it there: the interpreter
-is for testing, not speed.
+is for testing, not speed. Likewise Numba CUDA kernels run without a GPU only in Numba's
+simulator (``NUMBA_ENABLE_CUDASIM=1``).
 """
 import logging
 import os
@@ -23,9 +24,9 @@ from .errors import BackendUnavailableError, InvalidArgumentError
 
 logger = logging.getLogger("pyfastscan")
 
-BACKENDS = ("torch", "cpu", "cuda", "triton")
+BACKENDS = ("torch", "cpu", "cuda", "triton", "numba")
 ENV_VAR = "PYFASTSCAN_BACKEND"
-_PRIORITY = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+_PRIORITY = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "numba", "torch")}
 
 _last = {}
 _warned = set()
@@ -73,7 +74,19 @@ def cuda_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-_DEVICE_REASON = {"cpu": cpu_reason, "cuda": cuda_reason, "triton": triton_reason, "torch": lambda d: None}
+def numba_reason(device: torch.device) -> Optional[str]:
+    """Why Numba CUDA kernels cannot run here, or None (the simulator counts as a device)."""
+    try:
+        from numba import cuda
+    except ImportError as exc:
+        return f"numba is not installed ({exc}); pip install numba"
+    if not cuda.is_available():
+        return "no CUDA device for Numba (NUMBA_ENABLE_CUDASIM=1 runs its simulator)"
+    return None
+
+
+_DEVICE_REASON = {"cpu": cpu_reason, "cuda": cuda_reason, "triton": triton_reason, "numba": numba_reason,
+                  "torch": lambda d: None}
 
 
 def dispatch(op: str, backend: str, impls: dict, device: torch.device, *args):
@@ -151,6 +164,7 @@ def build_info() -> dict:
         "cuda": cuda_reason(cuda_dev) or (None if has_gpu else no_gpu),
         # On a machine without a GPU, Triton can still run CPU tensors in its interpreter.
         "triton": triton_reason(cuda_dev if has_gpu else torch.device("cpu")),
+        "numba": numba_reason(cuda_dev),
     }
     return {
         "version": __version__,

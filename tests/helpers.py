@@ -44,6 +44,10 @@ def backend_skip_reason(backend: str, device: str = "cpu"):
             return "triton not installed"
         if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "TRITON_INTERPRET is not 1"
+    if backend == "numba":
+        from pyfastscan.backends import numba_reason
+
+        return numba_reason(torch.device(device))
     return None
 
 

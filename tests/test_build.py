@@ -13,7 +13,7 @@ def test_build_info_reports_modules_and_backends():
     assert info["native"]["_C"]["loaded"], info["native"]["_C"]
     assert info["native"]["_C"]["openmp"] is not None, "the C++ module must be built with OpenMP"
     assert info["native"]["_C"]["cxx_standard"] >= 201703
-    assert set(info["backends"]) == {"torch", "cpu", "cuda", "triton"}
+    assert set(info["backends"]) == set(pyfastscan.backends.BACKENDS) == {"torch", "cpu", "cuda", "triton", "numba"}
     assert info["backends"]["torch"]["usable"] and info["backends"]["cpu"]["usable"]
     for name, b in info["backends"].items():
         assert b["usable"] == (b["reason"] is None), name

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "anchor_cuda.h"
+#include "stain_cuda.h"
 
 namespace py = pybind11;
 using namespace pyfastscan;
@@ -44,6 +45,23 @@ PYBIND11_MODULE(_C_cuda, m) {
                          static_cast<CudaDtype>(dtype), n, c, h, w, o, to_axis(ay), to_axis(ax), mptr(stream));
     }
     check_launch("anchor_conv2d");
+  });
+  m.def("hed_augment_u8", [](uintptr_t x, uintptr_t out, uintptr_t tables, int64_t n, int64_t hw, bool interleaved,
+                             uintptr_t stream) {
+    {
+      py::gil_scoped_release nogil;
+      hed_augment_u8_cuda(static_cast<const uint8_t*>(cptr(x)), static_cast<uint8_t*>(mptr(out)),
+                          static_cast<const float*>(cptr(tables)), n, hw, interleaved, mptr(stream));
+    }
+    check_launch("hed_augment_u8");
+  });
+  m.def("hed_augment_float", [](uintptr_t x, uintptr_t out, uintptr_t mat, uintptr_t k, bool is_f64, int64_t n,
+                                int64_t hw, bool interleaved, uintptr_t stream) {
+    {
+      py::gil_scoped_release nogil;
+      hed_augment_float_cuda(cptr(x), mptr(out), cptr(mat), cptr(k), is_f64, n, hw, interleaved, mptr(stream));
+    }
+    check_launch("hed_augment_float");
   });
   m.def("build_info", []() {
     py::dict d;

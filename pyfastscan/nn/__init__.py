@@ -1,4 +1,5 @@
 """nn.Module wrappers of pyfastscan.ops."""
 from .anchor import AnchConv2d, AnchPool2d
+from .stain import HEDAugment
 
-__all__ = ["AnchConv2d", "AnchPool2d"]
+__all__ = ["AnchConv2d", "AnchPool2d", "HEDAugment"]
