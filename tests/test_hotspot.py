@@ -186,3 +186,21 @@ def test_bad_input(kw, message):
     pts = args.pop("points_xy")
     with pytest.raises(InvalidArgumentError, match=message):
         hotspot_counts(pts, **args)
+
+
+def test_points_from_any_dlpack_producer():
+    """CuPy arrays arrive through DLPack; a numpy-backed producer stands in for one here."""
+
+    class Producer:  # exposes only the DLPack protocol, like a foreign array library
+        def __init__(self, a):
+            self._a = a
+
+        def __dlpack__(self, *args, **kwargs):
+            return self._a.__dlpack__(*args, **kwargs)
+
+        def __dlpack_device__(self):
+            return self._a.__dlpack_device__()
+
+    pts = _points(20, SMALL["slide_size"], seed=8)
+    via = hotspot_counts(Producer(pts.numpy()), window="circle", **SMALL)
+    _assert_equal(via, hotspot_counts(pts, window="circle", backend="torch", **SMALL))
