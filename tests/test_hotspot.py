@@ -202,5 +202,20 @@ def test_points_from_any_dlpack_producer():
             return self._a.__dlpack_device__()
 
     pts = _points(20, SMALL["slide_size"], seed=8)
+    oracle = hotspot_counts(pts, window="circle", backend="torch", **SMALL)
     via = hotspot_counts(Producer(pts.numpy()), window="circle", **SMALL)
-    _assert_equal(via, hotspot_counts(pts, window="circle", backend="torch", **SMALL))
+    _assert_equal(via, oracle)
+
+    # a producer from a library with asarray (as CuPy) gets its counts back in that library's type
+    import sys
+    import types
+
+    fake = types.ModuleType("fakearrays")
+    fake.asarray = lambda a: ("fakearrays", np.asarray(a))
+    Foreign = type("Foreign", (Producer,), {"__module__": "fakearrays"})
+    sys.modules["fakearrays"] = fake
+    try:
+        back = hotspot_counts(Foreign(pts.numpy()), window="circle", **SMALL).counts
+    finally:
+        del sys.modules["fakearrays"]
+    assert back[0] == "fakearrays" and np.array_equal(back[1], oracle.counts.numpy())

@@ -16,6 +16,7 @@ Circle: a detection counts when its squared distance to the centre is <= r^2, ar
 Rect: axis-aligned, width : height = aspect, closed edges.
 """
 import math
+import sys
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -110,6 +111,15 @@ def _geometry(slide_size, mpp, window, area_mm2, aspect, step_um) -> _Geometry:
     return _Geometry(grid_len(h, step), grid_len(w, step), step, False, 0.0, half_w, half_h, area)
 
 
+def _array_module(points_xy):
+    """The array library (e.g. cupy) of a DLPack producer that is neither torch nor numpy,
+    so results can be handed back in its own type; None otherwise."""
+    if not hasattr(points_xy, "__dlpack__") or isinstance(points_xy, (torch.Tensor, np.ndarray)):
+        return None
+    mod = sys.modules.get(type(points_xy).__module__.split(".")[0])
+    return mod if hasattr(mod, "asarray") else None
+
+
 def _check_points(points_xy, slide_size) -> torch.Tensor:
     """(D, 2) float64 CPU tensor of (x, y), every point finite and on the slide."""
     if hasattr(points_xy, "__dlpack__") and not isinstance(points_xy, (torch.Tensor, np.ndarray)):
@@ -153,7 +163,9 @@ def hotspot_counts(points_xy, *, slide_size, mpp: float, window: str = "circle",
         backend: "auto", "torch" (brute force), "cpu" or "numba" (Numba CUDA; its simulator
             under NUMBA_ENABLE_CUDASIM=1).
     Returns:
-        CountMap with int32 counts (rows, cols) on the CPU.
+        CountMap with int32 counts (rows, cols): a CPU torch tensor, or, when the points
+        came from another DLPack library (CuPy), an array of that library (its
+        ``asarray`` of the counts).
 
     Example:
         >>> cm = hotspot_counts([[500.0, 500.0]], slide_size=(1000, 1000), mpp=0.25, step_um=25)
@@ -163,6 +175,9 @@ def hotspot_counts(points_xy, *, slide_size, mpp: float, window: str = "circle",
     g = _geometry(slide_size, mpp, window, area_mm2, aspect, step_um)
     p = _check_points(points_xy, tuple(int(v) for v in slide_size))
     counts = _counts_rows(p, g, 0, g.n_rows, backend)
+    mod = _array_module(points_xy)
+    if mod is not None:
+        counts = mod.asarray(counts.numpy())
     return CountMap(counts, (g.step / 2, g.step / 2), g.step, window, g.area_mm2)
 
 
