@@ -10,7 +10,9 @@ from . import nn, ops  # noqa: E402
 from .backends import build_info  # noqa: E402
 from .dense import DenseModel, Geometry, geometry, to_dense  # noqa: E402
 from .errors import BackendUnavailableError, InvalidArgumentError, PyfastscanError  # noqa: E402
+from .pipeline import ScanResult, scan_slide  # noqa: E402
+from .slide import SlideError, open_slide  # noqa: E402
 from .weights import WeightsError, load_weights  # noqa: E402
 
 __all__ = ["build_info", "nn", "ops", "to_dense", "geometry", "Geometry", "DenseModel", "load_weights", "WeightsError", "PyfastscanError", "InvalidArgumentError", "BackendUnavailableError",
-           "__version__"]
+           "scan_slide", "ScanResult", "open_slide", "SlideError", "__version__"]

@@ -1,0 +1,151 @@
+"""Files of a scan, each written atomically (a temporary file in the same folder, then
+os.replace), so an interrupted run never leaves a half-written output behind.
+
+    heatmap.tif         pyramidal tiled TIFF, uint8 probability * 255, every level a page
+                        of the main IFD chain (OpenSlide does not see SubIFDs), resolution
+                        in the tags: opens in OpenSlide, QuPath and ASAP
+    overlay.png         thumbnail with the map in colour and the tissue outline
+    detections.csv      Camelyon16 submission format: probability,x,y (level 0), no header
+    detections.geojson  the same points as a FeatureCollection (QuPath imports it)
+    report.json         score, geometry, ROI counts, tissue area, timings, versions, command
+"""
+import json
+import os
+import platform
+import sys
+import tempfile
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+
+
+def _atomic(path: str, write: Callable[[str], None]) -> str:
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _json_writer(obj, indent=None) -> Callable[[str], None]:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+    return write
+
+
+def prepare_folder(folder: str) -> str:
+    """Create ``folder`` and check it is writable, with an error naming it if not."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot create output folder {folder}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"output folder {folder} is not writable")
+    return folder
+
+
+def write_heatmap_tif(path: str, heat: np.ndarray, mpp_map: float) -> str:
+    """Pyramid of the map (uint8), halving until the level fits one 256 px tile."""
+    import tifffile
+
+    levels = [np.clip(np.rint(heat * 255), 0, 255).astype(np.uint8)]
+    while max(levels[-1].shape) > 256:
+        a = levels[-1].astype(np.float32)
+        a = a[: a.shape[0] // 2 * 2 or 1, : a.shape[1] // 2 * 2 or 1]
+        if a.shape[0] >= 2 and a.shape[1] >= 2:
+            a = (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]) / 4
+        levels.append(np.rint(a).astype(np.uint8))
+
+    def write(tmp):
+        with tifffile.TiffWriter(tmp, bigtiff=False) as tif:
+            for i, lv in enumerate(levels):
+                res = 1e4 / (mpp_map * 2 ** i)  # pixels per centimetre
+                tif.write(lv, tile=(256, 256), compression="zlib", photometric="minisblack",
+                          resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=1 if i else 0,
+                          description="pyfastscan heat map: probability * 255" if i == 0 else None,
+                          metadata=None)
+
+    return _atomic(path, write)
+
+
+def _colour(heat: np.ndarray) -> np.ndarray:
+    """A blue-to-red colour map (0 blue, 0.5 yellow-green, 1 red), uint8 RGB."""
+    h = np.clip(heat, 0, 1)[..., None]
+    stops = np.array([[0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0]], dtype=np.float32)
+    pos = h * 3
+    i = np.minimum(pos.astype(int), 2)
+    f = pos - i
+    return (stops[i[..., 0]] * (1 - f) + stops[i[..., 0] + 1] * f).astype(np.uint8)
+
+
+def write_overlay_png(path: str, result) -> str:
+    from PIL import Image
+    from scipy import ndimage
+
+    thumb = result.thumbnail
+    ds = result.thumbnail_downsample
+    th, tw = thumb.shape[:2]
+    ys = ((np.arange(th) + 0.5) * ds - result.origin_px[1]) / result.stride_px
+    xs = ((np.arange(tw) + 0.5) * ds - result.origin_px[0]) / result.stride_px
+    iy, ix = np.rint(ys).astype(int), np.rint(xs).astype(int)
+    inside = ((iy >= 0) & (iy < result.heatmap.shape[0]))[:, None] & ((ix >= 0) & (ix < result.heatmap.shape[1]))
+    heat = result.heatmap[np.clip(iy, 0, result.heatmap.shape[0] - 1)[:, None],
+                          np.clip(ix, 0, result.heatmap.shape[1] - 1)[None, :]]
+    alpha = np.where(inside, 0.25 + 0.5 * heat, 0.0)[..., None]
+    out = (thumb * (1 - alpha) + _colour(heat) * alpha).astype(np.uint8)
+    t = result.tissue
+    my = np.minimum(((np.arange(th) + 0.5) * ds / t.downsample).astype(int), t.mask.shape[0] - 1)
+    mx = np.minimum(((np.arange(tw) + 0.5) * ds / t.downsample).astype(int), t.mask.shape[1] - 1)
+    m = t.mask[my[:, None], mx[None, :]]
+    out[m & ~ndimage.binary_erosion(m)] = (0, 160, 0)  # tissue outline in green
+    return _atomic(path, lambda tmp: Image.fromarray(out).save(tmp, format="PNG"))
+
+
+def save_result(result, folder: str, command: Optional[str] = None) -> Dict[str, str]:
+    from .. import __version__
+
+    prepare_folder(folder)
+    paths = {}
+    paths["heatmap"] = write_heatmap_tif(os.path.join(folder, "heatmap.tif"), result.heatmap,
+                                         result.stride_px * result.slide_mpp)
+    if result.thumbnail is not None:
+        paths["overlay"] = write_overlay_png(os.path.join(folder, "overlay.png"), result)
+    dets = result.detections
+
+    def csv(tmp):
+        with open(tmp, "w") as f:
+            for d in dets:
+                f.write(f"{d.probability:.6f},{d.x:.1f},{d.y:.1f}\n")
+
+    paths["detections_csv"] = _atomic(os.path.join(folder, "detections.csv"), csv)
+    geo = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [d.x, d.y]},
+         "properties": {"objectType": "annotation", "name": f"p={d.probability:.3f}",
+                        "classification": {"name": "Tumor"}, "probability": d.probability}} for d in dets]}
+    paths["detections_geojson"] = _atomic(os.path.join(folder, "detections.geojson"), _json_writer(geo))
+    import torch
+
+    report = {
+        "slide": result.slide_name, "score": result.score, "n_detections": len(dets),
+        "slide_size_px": list(result.slide_size), "slide_mpp": result.slide_mpp, "scan_mpp": result.scan_mpp,
+        "heatmap": {"shape": list(result.heatmap.shape), "stride_px": result.stride_px,
+                    "origin_px": list(result.origin_px),
+                    "note": "cell (i, j) is the patch centred at origin + (j, i) * stride, level-0 pixels"},
+        "model_geometry": result.geometry, "rois_scanned": result.n_rois, "rois_total": result.n_rois_total,
+        "tissue_area_mm2": result.tissue.area_mm2(result.slide_mpp),
+        "tissue_mask_downsample": result.tissue.downsample, "timings_s": result.timings,
+        "versions": {"pyfastscan": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "command": command if command is not None else " ".join(sys.argv),
+    }
+    paths["report"] = _atomic(os.path.join(folder, "report.json"), _json_writer(report, indent=2))
+    return paths

@@ -1,0 +1,249 @@
+"""Whole-slide dense scanning (Fast ScanNet Section II-C, DESIGN.md 2.4).
+
+    result = pyfastscan.scan_slide("slide.svs", model, alpha=2)
+    result.save("out/slide")      # heatmap.tif, overlay.png, detections.csv/.geojson, report.json
+
+Steps: open the slide, pick the scan level, find tissue, plan ROIs of side L_r' at ROI
+stride S_r = S_p' * L_m' (their maps tile the whole-slide map with no overlap and no gap),
+read tissue ROIs ahead in background threads, run the dense model, stitch, post-process.
+Map cell (i, j) is the patch whose top-left corner is (j, i) * step at the scan level.
+"""
+import math
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..dense import DenseModel, to_dense
+from ..errors import InvalidArgumentError
+from ..slide.reader import NoResolutionError, Slide, open_slide
+from ..slide.tissue import TissueMask, otsu_tissue_mask, user_tissue_mask
+
+
+@dataclass
+class Detection:
+    """A connected component of the thresholded map, at its maximum (level-0 pixels)."""
+
+    probability: float
+    x: float
+    y: float
+
+
+@dataclass
+class ScanResult:
+    """Everything a scan produced. heatmap[i, j] is the probability of the patch centred at
+    (origin_px[0] + j * stride_px, origin_px[1] + i * stride_px) in level-0 pixels."""
+
+    heatmap: np.ndarray
+    stride_px: float
+    origin_px: Tuple[float, float]
+    detections: List[Detection]
+    score: float
+    slide_name: str
+    slide_mpp: float
+    scan_mpp: float
+    slide_size: Tuple[int, int]
+    geometry: dict
+    tissue: TissueMask
+    n_rois: int
+    n_rois_total: int
+    timings: Dict[str, float]
+    thumbnail: Optional[np.ndarray] = field(default=None, repr=False)
+    thumbnail_downsample: float = 1.0
+
+    def save(self, folder, command: Optional[str] = None) -> Dict[str, str]:
+        """Write heatmap.tif, overlay.png, detections.csv, detections.geojson and report.json
+        into ``folder`` (created), each atomically. Returns name -> path."""
+        from .outputs import save_result
+
+        return save_result(self, folder, command)
+
+
+class _Progress:
+    """ROIs done, rate and ETA on stderr, one line rewritten in place."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled = total, label, enabled and total > 0
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if done < self.total and now - self.last < 0.5:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        end = "\n" if done >= self.total else ""
+        sys.stderr.write(f"\r{self.label}: {done}/{self.total} ROIs, {rate:.2f} ROI/s, ETA {eta:.0f} s   {end}")
+        sys.stderr.flush()
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise InvalidArgumentError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] = None, device="cpu",
+               precision: str = "fp32", plan: str = "minimal", tissue_mask=None, tissue_labels=None,
+               roi_outputs: int = 48, positive_class: int = 1, threshold: float = 0.5, workers: int = 2,
+               progress: bool = True) -> ScanResult:
+    """Dense scan of a whole slide with a padding-free patch classifier.
+
+    Args:
+        slide: a path (OpenSlide) or an object with OpenSlide's reading interface, or an
+            opened :class:`pyfastscan.slide.Slide`.
+        model: the patch classifier (e.g. ``vgg16_fcn`` with trained weights). Input is RGB
+            scaled to [0, 1]; its output channels are logits (a softmax is applied) unless
+            its last layer is a Softmax.
+        alpha: dense factor; the map's step is S_p / alpha pixels at the scan level.
+        mpp: scan resolution in um/px (default: the slide's level 0). For a slide with no
+            resolution of its own, mpp is taken as its level-0 resolution.
+        device, precision, plan: where and how the dense model runs (see to_dense).
+        tissue_mask: None (Otsu on a thumbnail), or a mask image at any downsample
+            (nonzero = tissue, or label values in ``tissue_labels``).
+        roi_outputs: L_m', outputs per ROI side (memory grows with its square).
+        threshold: probability for detections (paper: 0.5).
+        workers: background threads reading ROIs ahead of the model.
+        progress: a progress line on stderr.
+    """
+    timings = {"open": 0.0, "tissue": 0.0, "read_wait": 0.0, "infer": 0.0, "postprocess": 0.0}
+    t0 = time.perf_counter()
+    s = slide if isinstance(slide, Slide) else _open(slide, mpp)
+    _positive_int("roi_outputs", roi_outputs)
+    _positive_int("workers", workers)
+    scan_mpp = float(mpp) if mpp is not None else s.mpp
+    scan_ds = scan_mpp / s.mpp
+    if scan_ds < 0.999:
+        raise InvalidArgumentError(f"{s.name}: cannot scan at {scan_mpp} um/px, finer than level 0 ({s.mpp} um/px)")
+    dense = model if isinstance(model, DenseModel) else to_dense(model.eval(), alpha, plan=plan, precision=precision)
+    dense = dense.to(device)
+    g = dense.geometry
+    w0, h0 = s.dimensions
+    scan_w, scan_h = int(w0 / scan_ds), int(h0 / scan_ds)
+    n_rows, n_cols = g.output_side(scan_h), g.output_side(scan_w)
+    if n_rows == 0 or n_cols == 0:
+        raise InvalidArgumentError(f"{s.name}: {scan_w} x {scan_h} px at {scan_mpp} um/px is smaller than one "
+                                   f"patch ({g.patch} px)")
+    timings["open"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    thumb, thumb_ds = s.thumbnail()
+    if tissue_mask is None:
+        tissue = otsu_tissue_mask(thumb, thumb_ds)
+    elif isinstance(tissue_mask, TissueMask):
+        tissue = tissue_mask
+    else:
+        tissue = user_tissue_mask(tissue_mask, w0, tissue_labels)
+    timings["tissue"] = time.perf_counter() - t
+
+    level = s.best_level(scan_ds)
+    level_ds = s.handle.level_downsamples[level]
+    L = roi_outputs
+    rois = []
+    for a in range(math.ceil(n_rows / L)):
+        for b in range(math.ceil(n_cols / L)):
+            rows, cols = min(L, n_rows - a * L), min(L, n_cols - b * L)
+            x, y = b * L * g.step, a * L * g.step  # scan-level pixels
+            wi, hi = g.input_side(cols), g.input_side(rows)
+            if tissue.any_in(x * scan_ds, y * scan_ds, (x + wi) * scan_ds, (y + hi) * scan_ds):
+                rois.append((a * L, b * L, rows, cols, x, y, wi, hi))
+    n_total = math.ceil(n_rows / L) * math.ceil(n_cols / L)
+
+    def read(roi):
+        _, _, _, _, x, y, wi, hi = roi
+        return _read_scan_region(s, x, y, wi, hi, scan_ds, level, level_ds)
+
+    heat = np.zeros((n_rows, n_cols), dtype=np.float32)
+    softmax = not (len(dense.layers) and isinstance(dense.layers[-1], nn.Softmax))
+    param = next(dense.parameters(), None)
+    in_dtype = torch.float32 if param is None or precision == "bf16" else param.dtype
+    bar = _Progress(len(rois), f"scan {s.name}", progress)
+    with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
+        pending = deque()
+        it = iter(rois)
+        for roi in (next(it, None) for _ in range(workers + 1)):
+            if roi is not None:
+                pending.append((roi, pool.submit(read, roi)))
+        done = 0
+        while pending:
+            roi, fut = pending.popleft()
+            t = time.perf_counter()
+            rgb = fut.result()
+            timings["read_wait"] += time.perf_counter() - t
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(read, nxt)))
+            t = time.perf_counter()
+            x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None].to(in_dtype).div_(255)
+            out = dense(x)
+            prob = (F.softmax(out, dim=1) if softmax else out)[0, positive_class]
+            r0, c0, rows, cols = roi[:4]
+            heat[r0:r0 + rows, c0:c0 + cols] = prob.float().cpu().numpy()
+            timings["infer"] += time.perf_counter() - t
+            done += 1
+            bar.update(done)
+
+    t = time.perf_counter()
+    stride_px = g.step * scan_ds
+    origin = (g.patch / 2 * scan_ds, g.patch / 2 * scan_ds)
+    detections = postprocess(heat, stride_px, origin, threshold)
+    timings["postprocess"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return ScanResult(heat, stride_px, origin, detections, float(heat.max()), s.name, s.mpp, scan_mpp, (w0, h0),
+                      dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, plan=dense.plan,
+                           precision=dense.precision, roi_outputs=L), tissue, len(rois), n_total, timings,
+                      thumb, thumb_ds)
+
+
+def _open(slide, mpp: Optional[float]) -> Slide:
+    """The slide with its own resolution; mpp stands in as level 0's when it has none."""
+    try:
+        return open_slide(slide)
+    except NoResolutionError:
+        if mpp is None:
+            raise
+        return open_slide(slide, mpp)
+
+
+def _read_scan_region(s: Slide, x: int, y: int, w: int, h: int, scan_ds: float, level: int,
+                      level_ds: float) -> np.ndarray:
+    """RGB (h, w, 3) at the scan resolution: read from ``level`` and resampled only when
+    its downsample differs from the scan's."""
+    factor = scan_ds / level_ds
+    x0, y0 = int(round(x * scan_ds)), int(round(y * scan_ds))
+    if abs(factor - 1) < 1e-3:
+        return s.read(x0, y0, w, h, level)
+    lw, lh = math.ceil(w * factor), math.ceil(h * factor)
+    img = torch.from_numpy(s.read(x0, y0, lw, lh, level)).permute(2, 0, 1)[None].float()
+    img = F.interpolate(img, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return img[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def postprocess(heat: np.ndarray, stride_px: float, origin_px: Tuple[float, float],
+                threshold: float = 0.5) -> List[Detection]:
+    """Fast ScanNet post-processing: opening (3x3) of the map, threshold, connected
+    components; each component is a detection at its maximum probability."""
+    from scipy import ndimage
+
+    opened = ndimage.grey_opening(heat, size=(3, 3))
+    labels, n = ndimage.label(opened > threshold)
+    if n == 0:
+        return []
+    idx = np.arange(1, n + 1)
+    peaks = ndimage.maximum(heat, labels, idx)
+    where = ndimage.maximum_position(heat, labels, idx)
+    dets = [Detection(float(p), origin_px[0] + j * stride_px, origin_px[1] + i * stride_px)
+            for p, (i, j) in zip(np.atleast_1d(peaks), where)]
+    return sorted(dets, key=lambda d: -d.probability)

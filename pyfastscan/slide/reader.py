@@ -1,0 +1,134 @@
+"""Open a whole-slide image and read RGB regions at a resolution (DESIGN.md 2.4).
+
+``open_slide`` takes a path (read with OpenSlide) or any object with OpenSlide's reading
+interface (``level_dimensions``, ``level_downsamples``, ``read_region``, ``properties``),
+so tiffslide or cuCIM users can pass theirs.
+"""
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from ..errors import PyfastscanError
+
+_INTERFACE = ("level_dimensions", "level_downsamples", "read_region", "properties")
+
+
+class SlideError(PyfastscanError, ValueError):
+    """A slide that cannot be used: missing, unreadable, or without a resolution."""
+
+
+class NoResolutionError(SlideError):
+    """The slide does not say how many micrometres a pixel is."""
+
+
+@dataclass
+class Slide:
+    """A slide opened for scanning. ``mpp`` is the level-0 resolution in um/px."""
+
+    handle: Any
+    name: str
+    mpp: float
+
+    @property
+    def dimensions(self) -> Tuple[int, int]:
+        return tuple(self.handle.level_dimensions[0])
+
+    @property
+    def level_count(self) -> int:
+        return len(self.handle.level_dimensions)
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (1% slack)."""
+        best = 0
+        for i, d in enumerate(self.handle.level_downsamples):
+            if d <= downsample * 1.01 and d >= self.handle.level_downsamples[best]:
+                best = i
+        return best
+
+    def read(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of the region whose top-left corner is (x, y) in level-0
+        pixels, w x h pixels of ``level``; transparent (unscanned) pixels become white."""
+        region = np.asarray(self.handle.read_region((int(x), int(y)), level, (int(w), int(h))))
+        if region.ndim == 3 and region.shape[2] == 4:
+            rgb = region[..., :3].astype(np.uint16)
+            a = region[..., 3:4].astype(np.uint16)
+            return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)  # composite on white
+        return np.ascontiguousarray(region[..., :3])
+
+    def thumbnail(self, max_side: int = 2048) -> Tuple[np.ndarray, float]:
+        """(RGB image, its downsample from level 0) read from the coarsest level that is
+        at least ``max_side`` pixels on its longer side, or level 0 for small slides."""
+        w0, h0 = self.dimensions
+        level = 0
+        for i, (w, h) in enumerate(self.handle.level_dimensions):
+            if max(w, h) >= min(max_side, max(w0, h0)):
+                level = i
+        w, h = self.handle.level_dimensions[level]
+        img = self.read(0, 0, w, h, level)
+        return img, w0 / w
+
+    def close(self) -> None:
+        close = getattr(self.handle, "close", None)
+        if close is not None:
+            close()
+
+
+def _mpp_from_properties(props) -> Optional[float]:
+    for key in ("openslide.mpp-x", "aperio.MPP", "tiff.XResolution"):
+        v = props.get(key) if hasattr(props, "get") else None
+        if v is None:
+            continue
+        try:
+            v = float(v)
+        except ValueError:
+            continue
+        if key == "tiff.XResolution":
+            unit = props.get("tiff.ResolutionUnit", "")
+            if v <= 0 or unit not in ("centimeter", "inch"):
+                continue
+            v = (1e4 if unit == "centimeter" else 25400.0) / v
+        if v > 0:
+            return v
+    return None
+
+
+def open_slide(slide, mpp: Optional[float] = None) -> Slide:
+    """Open ``slide`` (a path, or an object with OpenSlide's reading interface).
+
+    Args:
+        mpp: level-0 um/px; overrides the slide's own (required when it has none).
+    Raises:
+        SlideError naming the file and the reason: missing, not a slide / corrupt, no
+        resolution (pass mpp / --mpp).
+    """
+    if all(hasattr(slide, a) for a in _INTERFACE):
+        handle, name = slide, getattr(slide, "name", type(slide).__name__)
+    else:
+        path = os.fspath(slide)
+        name = path
+        if not os.path.exists(path):
+            raise SlideError(f"{path}: no such file")
+        if os.path.isdir(path):
+            raise SlideError(f"{path}: is a directory, not a slide")
+        try:
+            import openslide
+        except ImportError as exc:
+            raise SlideError(f"{path}: OpenSlide is not installed ({exc}); pip install openslide-python "
+                             "openslide-bin") from None
+        try:
+            handle = openslide.OpenSlide(path)
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideError(f"{path}: not a slide OpenSlide can read (unsupported or corrupt file)") from None
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"{path}: cannot be read ({exc})") from None
+    own = _mpp_from_properties(handle.properties)
+    if mpp is not None:
+        if not (isinstance(mpp, (int, float)) and mpp > 0 and np.isfinite(mpp)):
+            raise SlideError(f"{name}: mpp must be a positive number, got {mpp!r}")
+        own = float(mpp)
+    if own is None:
+        raise NoResolutionError(f"{name}: the slide has no resolution (no openslide.mpp-x property); pass mpp= "
+                         "(--mpp on the command line) with its level-0 micrometres per pixel")
+    return Slide(handle, name, own)

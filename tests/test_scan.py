@@ -1,0 +1,149 @@
+"""Whole-slide scanning: stitched ROI maps equal one ROI covering the slide, outputs open
+in OpenSlide, errors name the file (DESIGN.md 2.4)."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers import network_error_bound, patch_loop
+from pyfastscan import InvalidArgumentError, SlideError, open_slide, scan_slide, to_dense
+from pyfastscan.dense import _flatten
+from pyfastscan.pipeline import postprocess
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+SVS = os.path.join(DATA, "cmu_small_region.svs")
+
+
+class ArraySlide:
+    """An in-memory slide with OpenSlide's reading interface (a pyramid of 1 level)."""
+
+    def __init__(self, rgb: np.ndarray, mpp=0.5):
+        self.rgb = rgb
+        self.level_dimensions = [(rgb.shape[1], rgb.shape[0])]
+        self.level_downsamples = [1.0]
+        self.properties = {} if mpp is None else {"openslide.mpp-x": str(mpp)}
+        self.name = "array-slide"
+
+    def read_region(self, location, level, size):
+        (x, y), (w, h) = location, size
+        out = np.zeros((h, w, 4), dtype=np.uint8)  # transparent outside the image
+        src = self.rgb[max(0, y):y + h, max(0, x):x + w]
+        out[max(0, -y):max(0, -y) + src.shape[0], max(0, -x):max(0, -x) + src.shape[1], :3] = src
+        out[max(0, -y):max(0, -y) + src.shape[0], max(0, -x):max(0, -x) + src.shape[1], 3] = 255
+        return out
+
+
+def _model(dtype=torch.float64):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Conv2d(4, 2, 3))  # patch 22, stride 4
+    return m.to(dtype).eval()
+
+
+def _image(h=170, w=143, seed=0):
+    g = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 240, dtype=np.uint8)
+    img[20:150, 15:130] = g.integers(60, 200, (130, 115, 3), dtype=np.uint8)  # "tissue"
+    return img
+
+
+def test_stitched_map_equals_one_roi_and_the_patch_loop():
+    model, img = _model(), _image()
+    everywhere = np.ones((17, 14), dtype=bool)  # downsample 143 / 14: covers all 170 rows
+    kw = dict(alpha=2, tissue_mask=everywhere, progress=False)
+    tiled = scan_slide(ArraySlide(img), model, roi_outputs=5, **kw)
+    whole = scan_slide(ArraySlide(img), model, roi_outputs=10_000, **kw)
+    assert tiled.n_rois > 1 and whole.n_rois == 1
+    # the literal patch loop over the slide, softmax to class 1
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255
+    g = to_dense(model, 2).geometry
+    loop = torch.softmax(patch_loop(model, x, g.patch, g.step), dim=1)[0, 1].numpy()
+    assert tiled.heatmap.shape == whole.heatmap.shape == loop.shape
+    # both are float64 evaluations of the same sums: within the propagated rounding bound
+    # (softmax is 1/4-Lipschitz in the logit difference, so the logits' bound applies),
+    # plus one float32 rounding of each stored probability (the map is float32)
+    crops = torch.cat([x[:, :, i * g.step:i * g.step + g.patch, j * g.step:j * g.step + g.patch]
+                       for i in range(loop.shape[0]) for j in range(loop.shape[1])])
+    bound = network_error_bound(_flatten(model), crops, torch.float64).amax(dim=1).reshape(loop.shape).numpy()
+    store = 2.0 ** -24 * np.abs(loop)
+    assert np.all(np.abs(tiled.heatmap.astype(np.float64) - whole.heatmap) <= 2 * bound + 2 * store)
+    assert np.all(np.abs(tiled.heatmap.astype(np.float64) - loop) <= 2 * bound + store)
+
+
+def test_background_rois_are_skipped_and_zero():
+    img = np.full((300, 280, 3), 240, dtype=np.uint8)
+    img[100:200, 90:190] = _image()[20:120, 15:115]
+    res = scan_slide(ArraySlide(img), _model(), alpha=1, roi_outputs=4, progress=False)
+    assert res.n_rois < res.n_rois_total / 2
+    assert res.tissue.mask.any() and not res.tissue.mask.all()
+    assert res.heatmap[0, 0] == 0.0 and res.heatmap[28:40, 25:40].min() > 0
+
+
+def test_outputs_open_in_openslide(tmp_path):
+    openslide = pytest.importorskip("openslide")
+    img = np.tile(_image(), (4, 4, 1))  # a map larger than one 256 px tile in one level
+    res = scan_slide(ArraySlide(img), _model(torch.float32), alpha=4, progress=False)
+    paths = res.save(str(tmp_path / "out"), command="test")
+    assert sorted(os.listdir(tmp_path / "out")) == ["detections.csv", "detections.geojson", "heatmap.tif",
+                                                     "overlay.png", "report.json"]
+    with openslide.OpenSlide(paths["heatmap"]) as hm:
+        assert hm.dimensions == (res.heatmap.shape[1], res.heatmap.shape[0])
+        assert float(hm.properties["openslide.mpp-x"]) == pytest.approx(res.stride_px * 0.5, rel=1e-4)
+        region = np.asarray(hm.read_region((0, 0), 0, hm.dimensions))[..., 0]
+        assert np.array_equal(region, np.clip(np.rint(res.heatmap * 255), 0, 255).astype(np.uint8))
+        assert hm.level_count >= 2
+    rows = list(csv.reader(open(paths["detections_csv"])))
+    assert len(rows) == len(res.detections) and all(len(r) == 3 for r in rows)
+    geo = json.load(open(paths["detections_geojson"]))
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == len(rows)
+    report = json.load(open(paths["report"]))
+    assert report["score"] == pytest.approx(float(res.heatmap.max()))
+    assert report["model_geometry"]["alpha"] == 4 and report["command"] == "test"
+    assert set(report["timings_s"]) >= {"read_wait", "infer", "postprocess", "tissue", "total"}
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".part")]
+
+
+def test_real_svs_at_a_coarser_resolution():
+    pytest.importorskip("openslide")
+    res = scan_slide(SVS, _model(torch.float32), alpha=2, mpp=4.0, progress=False)  # level 0 is 0.499 um/px
+    w, h = 2220, 2967
+    g = to_dense(_model(torch.float32), 2).geometry
+    assert res.heatmap.shape == (g.output_side(int(h * 0.499 / 4.0)), g.output_side(int(w * 0.499 / 4.0)))
+    assert res.slide_mpp == pytest.approx(0.499, abs=1e-3) and res.tissue.area_mm2(res.slide_mpp) > 0.1
+
+
+def test_postprocess_finds_components_at_their_maxima():
+    heat = np.zeros((20, 30), dtype=np.float32)
+    heat[2:6, 3:8] = 0.8
+    heat[4, 5] = 0.95
+    heat[12:17, 20:26] = 0.6
+    heat[14, 23] = 0.7
+    heat[10, 2] = 0.99  # a single cell: removed by the opening
+    dets = postprocess(heat, stride_px=16.0, origin_px=(50.0, 50.0))
+    assert [(round(d.probability, 2), d.x, d.y) for d in dets] == [(0.95, 50 + 5 * 16, 50 + 4 * 16),
+                                                                    (0.7, 50 + 23 * 16, 50 + 14 * 16)]
+
+
+def test_slide_errors_name_the_file(tmp_path):
+    with pytest.raises(SlideError, match="no such file"):
+        open_slide(tmp_path / "missing.svs")
+    bad = tmp_path / "notes.svs"
+    bad.write_text("not a slide")
+    with pytest.raises(SlideError, match="notes.svs"):
+        open_slide(bad)
+    with pytest.raises(SlideError, match="--mpp"):
+        scan_slide(ArraySlide(_image(), mpp=None), _model(), progress=False)
+    res = scan_slide(ArraySlide(_image(), mpp=None), _model(), mpp=0.5, progress=False)  # mpp stands in
+    assert res.slide_mpp == 0.5
+
+
+def test_unwritable_output_folder(tmp_path):
+    res = scan_slide(ArraySlide(_image()), _model(torch.float32), progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InvalidArgumentError, match="output folder"):
+        res.save(str(blocker / "out"))
