@@ -147,3 +147,21 @@ def test_unwritable_output_folder(tmp_path):
     blocker.write_text("x")
     with pytest.raises(InvalidArgumentError, match="output folder"):
         res.save(str(blocker / "out"))
+
+
+def test_cli_scans_several_slides_and_reports_failures(tmp_path):
+    """One good slide (the bundled SVS, coarse) and one missing: the good one is written,
+    the bad one reported, exit status 1."""
+    pytest.importorskip("openslide")
+    from safetensors.torch import save_file
+
+    from pyfastscan.cli import main
+    from pyfastscan.models import tellez_cnn
+
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in tellez_cnn().state_dict().items()}, str(weights))
+    status = main(["scan", SVS, str(tmp_path / "missing.svs"), "--weights", str(weights), "--arch", "tellez_cnn",
+                   "--mpp", "8.0", "--out", str(tmp_path / "out"), "--quiet"])
+    assert status == 1
+    assert os.path.exists(tmp_path / "out" / "cmu_small_region" / "report.json")
+    assert not os.path.exists(tmp_path / "out" / "missing")
