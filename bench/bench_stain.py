@@ -10,22 +10,16 @@ reference first. The report prints Mpx/s and the fraction of the memory-traffic 
 (6 bytes per pixel: 3 read, 3 written) that the fused kernel reaches, with the machine's
 copy bandwidth measured in the same run (``memcpy``: torch copy of the same 12 MB).
 """
-import os
-
 import numpy as np
 import pytest
 import torch
 
 from pyfastscan.ops import hed_augment, sample_hed_params
+from pyfastscan.samples import carcinoma_image
 
 SIDE = 2000
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "he_carcinoma_1000px.png")
-
-
 def _image():
-    from PIL import Image
-
-    tile = np.asarray(Image.open(SAMPLE).convert("RGB"))
+    tile = carcinoma_image()
     reps = (-(-SIDE // tile.shape[0]), -(-SIDE // tile.shape[1]), 1)
     return torch.from_numpy(np.ascontiguousarray(np.tile(tile, reps)[:SIDE, :SIDE]))  # (H, W, 3)
 

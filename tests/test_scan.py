@@ -13,9 +13,9 @@ from helpers import network_error_bound, patch_loop
 from pyfastscan import InvalidArgumentError, SlideError, open_slide, scan_slide, to_dense
 from pyfastscan.dense import _flatten
 from pyfastscan.pipeline import postprocess
+from pyfastscan.samples import skin_slide_path
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-SVS = os.path.join(DATA, "cmu_small_region.svs")
+SVS = skin_slide_path()
 
 
 class ArraySlide:
@@ -165,3 +165,20 @@ def test_cli_scans_several_slides_and_reports_failures(tmp_path):
     assert status == 1
     assert os.path.exists(tmp_path / "out" / "cmu_small_region" / "report.json")
     assert not os.path.exists(tmp_path / "out" / "missing")
+
+
+def test_demo_builds_a_real_pyramidal_slide_and_scans_it(tmp_path):
+    """The demo's planted slide is a pyramidal JPEG TIFF OpenSlide reads with its resolution,
+    the scan writes every output, and the planted squares hold the held-out carcinoma."""
+    openslide = pytest.importorskip("openslide")
+    from pyfastscan import demo
+
+    boxes, mpp = demo.build_test_slide(str(tmp_path / "slide.tif"))
+    with openslide.OpenSlide(str(tmp_path / "slide.tif")) as s:
+        assert s.level_count == 3 and s.dimensions == (2220, 2967)
+        assert float(s.properties["openslide.mpp-x"]) == pytest.approx(mpp, rel=1e-3)
+    assert len(boxes) == 4
+    w = demo.whole_slide(str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path / "run" / "scan")) == ["detections.csv", "detections.geojson", "heatmap.tif",
+                                                             "overlay.png", "report.json"]
+    assert 0 <= w["found"] <= 4 and w["false_positives"] >= 0

@@ -8,9 +8,6 @@ relative error (U = 4: glibc's vector libm documents <= 4 ulp, the scalar one an
 |e_err| <= (U*u + u + gamma_4) * (sum_i |l_i| |M_ij| + |k_j|) and the result is off by at
 most rgb' * (|e_err| + U*u) relative; the float64 reference adds the same in float64.
 """
-import hashlib
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -21,21 +18,16 @@ from pyfastscan.nn import HEDAugment
 from pyfastscan.ops import hed_augment, hed_to_rgb, last_backend, rgb_to_hed, sample_hed_params
 from pyfastscan.ops.stain import fused_params
 from pyfastscan.reference.stain import hed_augment_ref
+from pyfastscan.samples import carcinoma_image, sample_path
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-SAMPLE = os.path.join(DATA, "he_carcinoma_1000px.png")
-SAMPLE_SHA256 = "23c1e65fb65f2c5ba6aba2ad958181860e196b280a025f35e91296ba8ba51b6c"
 BACKENDS = ("torch", "cpu", "triton")
 ULPS = 4
 
 
 def _sample_image() -> torch.Tensor:
-    """The real H&E patch (1000 x 1000 RGB, channel-last uint8); see tests/data/PROVENANCE.md."""
-    from PIL import Image
-
-    with open(SAMPLE, "rb") as f:
-        assert hashlib.sha256(f.read()).hexdigest() == SAMPLE_SHA256
-    return torch.from_numpy(np.asarray(Image.open(SAMPLE).convert("RGB")).copy())
+    """The real H&E patch (1000 x 1000 RGB, channel-last uint8); see pyfastscan/data/PROVENANCE.md."""
+    sample_path("he_carcinoma_1000px.png", verify=True)
+    return torch.from_numpy(carcinoma_image())
 
 
 def _params(n, sigma=0.05, seed=0):
