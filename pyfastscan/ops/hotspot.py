@@ -174,18 +174,23 @@ def hotspot_counts(points_xy, *, slide_size, mpp: float, window: str = "circle",
     """
     g = _geometry(slide_size, mpp, window, area_mm2, aspect, step_um)
     p = _check_points(points_xy, tuple(int(v) for v in slide_size))
-    counts = _counts_rows(p, g, 0, g.n_rows, backend)
+    counts = _counts_rows(*_sorted_by_y(p), g, 0, g.n_rows, backend)
     mod = _array_module(points_xy)
     if mod is not None:
         counts = mod.asarray(counts.numpy())
     return CountMap(counts, (g.step / 2, g.step / 2), g.step, window, g.area_mm2)
 
 
-def _counts_rows(p: torch.Tensor, g: _Geometry, row0: int, row1: int, backend: str) -> torch.Tensor:
-    if p.shape[0] == 0 or row1 <= row0 or g.n_cols == 0:
-        return torch.zeros(max(0, row1 - row0), g.n_cols, dtype=torch.int32)
+def _sorted_by_y(p: torch.Tensor):
+    """(xs, ys) contiguous float64, sorted by y: the kernels binary-search ys per row."""
     order = torch.argsort(p[:, 1], stable=True)
-    xs, ys = p[order, 0].contiguous(), p[order, 1].contiguous()
+    return p[order, 0].contiguous(), p[order, 1].contiguous()
+
+
+def _counts_rows(xs: torch.Tensor, ys: torch.Tensor, g: _Geometry, row0: int, row1: int,
+                 backend: str) -> torch.Tensor:
+    if xs.shape[0] == 0 or row1 <= row0 or g.n_cols == 0:
+        return torch.zeros(max(0, row1 - row0), g.n_cols, dtype=torch.int32)
     return dispatch("hotspot_counts", backend, _IMPLS, torch.device("cpu"), xs, ys, g, row0, row1)
 
 
@@ -244,9 +249,10 @@ def hotspot_stats(points_xy, *, slide_size, mpp: float, window: str = "circle", 
     hist = np.zeros(p.shape[0] + 1, dtype=np.int64)
     best, best_at = -1, None
     band = max(1, _BAND_BYTES // max(1, 4 * g.n_cols))
+    xs, ys = _sorted_by_y(p)
     for r0 in range(0, g.n_rows, band):
         r1 = min(g.n_rows, r0 + band)
-        counts = _counts_rows(p, g, r0, r1, backend).numpy()
+        counts = _counts_rows(xs, ys, g, r0, r1, backend).numpy()
         included = _mask_lookup(mask, ds, g, r0, r1) if mask is not None else counts > 0
         vals = counts[included]
         if vals.size:
