@@ -32,3 +32,12 @@ def cpu_error():
 def cuda_error():
     _load("_C_cuda")
     return _errors.get("_C_cuda")
+
+
+def buffer(t):
+    """numpy view (no copy) of a contiguous CPU tensor, for the C++ kernels; bfloat16 as
+    its int16 bits (numpy has no bfloat16)."""
+    import torch
+
+    t = t.detach()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()

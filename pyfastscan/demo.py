@@ -52,11 +52,11 @@ def build_test_slide(path: str, n_regions: int = 4, seed: int = 0):
     """Plant n_regions held-out carcinoma squares into the skin slide at tissue positions;
     write a 3-level pyramidal TIFF. Returns the boxes (x0, y0, x1, y1) in level-0 pixels."""
     import numpy as np
-    import tifffile
 
-    from .demo_train import TRAIN_FRACTION, carcinoma_at, skin_at
-    from .slide import open_slide
+    from .demo_train import TRAIN_FRACTION, carcinoma_at, not_glass, resize
+    from .pipeline.outputs import write_pyramid_tif
     from .samples import skin_slide_path
+    from .slide import open_slide
 
     s = open_slide(skin_slide_path())
     mpp = s.mpp
@@ -66,7 +66,7 @@ def build_test_slide(path: str, n_regions: int = 4, seed: int = 0):
     carc = carcinoma_at(mpp)
     held = carc[:, int(carc.shape[1] * TRAIN_FRACTION) + 2:]  # never seen in training
     side = min(held.shape[1], held.shape[0] // n_regions)
-    _, mask, _ = skin_at(mpp * 8)  # tissue at 1/8 scale to place the squares
+    mask = not_glass(resize(skin, 1 / 8))  # tissue at 1/8 scale to place the squares
     rng = np.random.default_rng(seed)
     boxes = []
     while len(boxes) < n_regions:
@@ -77,17 +77,7 @@ def build_test_slide(path: str, n_regions: int = 4, seed: int = 0):
             k = len(boxes)
             skin[y:y + side, x:x + side] = held[k * side:(k + 1) * side, :side]
             boxes.append((int(x), int(y), int(x + side), int(y + side)))
-    levels = [skin]
-    for _ in range(2):
-        a = levels[-1][: levels[-1].shape[0] // 2 * 2, : levels[-1].shape[1] // 2 * 2].astype(np.uint16)
-        levels.append(((a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2] + 2) // 4).astype(np.uint8))
-    tmp = path + ".part"
-    with tifffile.TiffWriter(tmp) as tif:
-        for i, lv in enumerate(levels):
-            res = 1e4 / (mpp * 2 ** i)
-            tif.write(lv, tile=(256, 256), compression="jpeg", photometric="rgb", resolution=(res, res),
-                      resolutionunit="CENTIMETER", subfiletype=1 if i else 0, metadata=None)
-    os.replace(tmp, path)
+    write_pyramid_tif(path, skin, mpp, levels=3, compression="jpeg")
     return boxes, mpp
 
 
@@ -113,14 +103,12 @@ def whole_slide(out_dir: str) -> dict:
                                                b[1] - margin <= d.y <= b[3] + margin for b in boxes)]
     # cell-level view: share of map cells above threshold inside the planted squares and on
     # the rest of the tissue
-    ii, jj = np.indices(res.heatmap.shape)
-    cx, cy = res.origin_px[0] + jj * res.stride_px, res.origin_px[1] + ii * res.stride_px
+    cy = res.origin_px[1] + np.arange(res.heatmap.shape[0]) * res.stride_px
+    cx = res.origin_px[0] + np.arange(res.heatmap.shape[1]) * res.stride_px
     planted = np.zeros(res.heatmap.shape, dtype=bool)
     for b in boxes:
-        planted |= (cx >= b[0]) & (cx < b[2]) & (cy >= b[1]) & (cy < b[3])
-    t = res.tissue
-    tissue = t.mask[np.minimum((cy / t.downsample).astype(int), t.mask.shape[0] - 1),
-                    np.minimum((cx / t.downsample).astype(int), t.mask.shape[1] - 1)] & ~planted
+        planted |= ((cy >= b[1]) & (cy < b[3]))[:, None] & ((cx >= b[0]) & (cx < b[2]))[None, :]
+    tissue = res.tissue.on_grid(cy, cx) & ~planted
     return dict(slide=slide_path, boxes=boxes, result=res, paths=paths, found=sum(hit), false_positives=len(fp),
                 t_build=t_build, planted_positive=float((res.heatmap[planted] > 0.5).mean()),
                 tissue_positive=float((res.heatmap[tissue] > 0.5).mean()))

@@ -48,6 +48,11 @@ def carcinoma_at(mpp: float) -> np.ndarray:
     return resize(carcinoma_image(), CARCINOMA_MPP / mpp)
 
 
+def not_glass(rgb: np.ndarray) -> np.ndarray:
+    """Everything that is not bare glass: any channel below 200."""
+    return rgb.min(axis=2) < 200
+
+
 def skin_at(mpp: float):
     """(RGB of the skin slide at mpp, a mask of everything that is not bare glass, slide mpp).
     The mask is deliberately generous (any channel below 200): pale dermis must be among
@@ -57,7 +62,7 @@ def skin_at(mpp: float):
     s = open_slide(skin_slide_path())
     w, h = s.dimensions
     rgb = resize(s.read(0, 0, w, h), s.mpp / mpp)
-    mask = rgb.min(axis=2) < 200
+    mask = not_glass(rgb)
     s.close()
     return rgb, mask, s.mpp
 

@@ -192,12 +192,6 @@ def anch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 # ----------------------------------------------------------------------------- cpu backend
 
 
-def _buffer(t: torch.Tensor):
-    """numpy view of a contiguous CPU tensor; bfloat16 as its int16 bits."""
-    t = t.detach()
-    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-
-
 def _no_grad_reason(*tensors) -> Optional[str]:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return "inputs require grad and this kernel has no backward (use backend='torch')"
@@ -209,7 +203,8 @@ def anch_pool2d_cpu(x, ay: AnchorAxis, ax: AnchorAxis, mode: str) -> torch.Tenso
     n, c, h, w = x.shape
     xc = x.contiguous()
     out = torch.empty((n, c, ay.out_len(h), ax.out_len(w)), dtype=x.dtype)
-    _native.cpu().anchor_pool2d(_buffer(xc).reshape(n * c, h, w), _buffer(out).reshape(n * c, *out.shape[2:]),
+    buf = _native.buffer
+    _native.cpu().anchor_pool2d(buf(xc).reshape(n * c, h, w), buf(out).reshape(n * c, *out.shape[2:]),
                                 tuple(ay), tuple(ax), mode == "avg", x.dtype == torch.bfloat16)
     return out
 
@@ -233,12 +228,12 @@ def anch_conv2d_cpu(x, weight, bias, ay: AnchorAxis, ax: AnchorAxis) -> torch.Te
     wm = weight.reshape(o, ckk).expand(n, o, ckk)
     bias_b = None if bias is None else bias.view(1, o, 1)
     out = torch.empty((n, o, ho, wo), dtype=x.dtype)
-    x_buf = _buffer(xc)
+    x_buf = _native.buffer(xc)
     rows = max(1, min(ho, _COL_BUDGET_BYTES // max(1, n * ckk * wo * x.element_size())))
     for r0 in range(0, ho, rows):
         r1 = min(ho, r0 + rows)
         col = torch.empty((n, ckk, (r1 - r0) * wo), dtype=x.dtype)
-        _native.cpu().anchor_im2col(x_buf, _buffer(col), tuple(ay), tuple(ax), r0, r1)
+        _native.cpu().anchor_im2col(x_buf, _native.buffer(col), tuple(ay), tuple(ax), r0, r1)
         block = torch.bmm(wm, col) if bias_b is None else torch.baddbmm(bias_b.expand(n, o, col.shape[2]), wm, col)
         out[:, :, r0:r1, :] = block.view(n, o, r1 - r0, wo)
     return out

@@ -26,6 +26,7 @@ from .. import _native
 from ..backends import Impl, dispatch
 from ..errors import InvalidArgumentError
 from ..reference.hotspot import grid_len, hotspot_counts_ref
+from ..slide.tissue import TissueMask
 
 DEFAULT_AREA_MM2 = {"circle": 2.0, "rect": 2.37}  # Tellez et al.; 10 HPF of the canine dataset
 _BAND_BYTES = 64 << 20  # count rows computed at a time by hotspot_stats
@@ -111,10 +112,15 @@ def _geometry(slide_size, mpp, window, area_mm2, aspect, step_um) -> _Geometry:
     return _Geometry(grid_len(h, step), grid_len(w, step), step, False, 0.0, half_w, half_h, area)
 
 
+def _foreign(points_xy) -> bool:
+    """A DLPack producer that is neither torch nor numpy (CuPy, ...)."""
+    return hasattr(points_xy, "__dlpack__") and not isinstance(points_xy, (torch.Tensor, np.ndarray))
+
+
 def _array_module(points_xy):
-    """The array library (e.g. cupy) of a DLPack producer that is neither torch nor numpy,
-    so results can be handed back in its own type; None otherwise."""
-    if not hasattr(points_xy, "__dlpack__") or isinstance(points_xy, (torch.Tensor, np.ndarray)):
+    """The array library (e.g. cupy) of a foreign DLPack producer, so results can be handed
+    back in its own type; None otherwise."""
+    if not _foreign(points_xy):
         return None
     mod = sys.modules.get(type(points_xy).__module__.split(".")[0])
     return mod if hasattr(mod, "asarray") else None
@@ -122,7 +128,7 @@ def _array_module(points_xy):
 
 def _check_points(points_xy, slide_size) -> torch.Tensor:
     """(D, 2) float64 CPU tensor of (x, y), every point finite and on the slide."""
-    if hasattr(points_xy, "__dlpack__") and not isinstance(points_xy, (torch.Tensor, np.ndarray)):
+    if _foreign(points_xy):
         points_xy = torch.from_dlpack(points_xy)  # CuPy and other DLPack producers
     try:
         p = torch.as_tensor(points_xy, dtype=torch.float64).detach().cpu()
@@ -194,14 +200,6 @@ def _counts_rows(xs: torch.Tensor, ys: torch.Tensor, g: _Geometry, row0: int, ro
     return dispatch("hotspot_counts", backend, _IMPLS, torch.device("cpu"), xs, ys, g, row0, row1)
 
 
-def _mask_lookup(mask: np.ndarray, downsample: float, g: _Geometry, row0: int, row1: int) -> np.ndarray:
-    cy = (np.arange(row0, row1) + 0.5) * g.step
-    cx = (np.arange(g.n_cols) + 0.5) * g.step
-    iy = np.minimum((cy / downsample).astype(np.int64), mask.shape[0] - 1)
-    ix = np.minimum((cx / downsample).astype(np.int64), mask.shape[1] - 1)
-    return mask[iy[:, None], ix[None, :]]
-
-
 def _percentile_from_histogram(hist: np.ndarray, q: float) -> float:
     """numpy.percentile(values, q) ("linear": v[floor(t)] + (v[ceil(t)] - v[floor(t)]) * frac,
     t = q/100 * (n - 1) over the sorted values) from their histogram."""
@@ -239,13 +237,14 @@ def hotspot_stats(points_xy, *, slide_size, mpp: float, window: str = "circle", 
         raise InvalidArgumentError(f"percentile must be in [0, 100], got {percentile!r}")
     g = _geometry(slide_size, mpp, window, area_mm2, aspect, step_um)
     p = _check_points(points_xy, tuple(int(v) for v in slide_size))
-    mask = None
+    tissue = None
     if tissue_mask is not None:
         mask = np.asarray(tissue_mask.cpu() if isinstance(tissue_mask, torch.Tensor) else tissue_mask)
         if mask.ndim != 2 or mask.dtype != np.bool_:
             raise InvalidArgumentError(f"tissue_mask must be a 2-D boolean image, got {mask.dtype} {mask.shape}")
         ds = _positive("mask_downsample", mask_downsample if mask_downsample is not None
                        else int(slide_size[0]) / mask.shape[1])
+        tissue = TissueMask(mask, ds)
     hist = np.zeros(p.shape[0] + 1, dtype=np.int64)
     best, best_at = -1, None
     band = max(1, _BAND_BYTES // max(1, 4 * g.n_cols))
@@ -253,7 +252,8 @@ def hotspot_stats(points_xy, *, slide_size, mpp: float, window: str = "circle", 
     for r0 in range(0, g.n_rows, band):
         r1 = min(g.n_rows, r0 + band)
         counts = _counts_rows(xs, ys, g, r0, r1, backend).numpy()
-        included = _mask_lookup(mask, ds, g, r0, r1) if mask is not None else counts > 0
+        included = (tissue.on_grid((np.arange(r0, r1) + 0.5) * g.step, (np.arange(g.n_cols) + 0.5) * g.step)
+                    if tissue is not None else counts > 0)
         vals = counts[included]
         if vals.size:
             hist += np.bincount(vals, minlength=hist.size)[:hist.size]
@@ -293,8 +293,9 @@ def _torch(xs, ys, g: _Geometry, row0, row1):
 def hotspot_rows_cpu(xs, ys, g: _Geometry, row0, row1):
     """C++ (csrc/cpu/hotspot_cpu.cpp), OpenMP over rows."""
     out = torch.empty(row1 - row0, g.n_cols, dtype=torch.int32)
-    _native.cpu().hotspot_rows(xs.numpy(), ys.numpy(), g.step, g.n_cols, row0, row1, g.circle, g.r2, g.half_w,
-                               g.half_h, out.numpy())
+    buf = _native.buffer
+    _native.cpu().hotspot_rows(buf(xs), buf(ys), g.step, g.n_cols, row0, row1, g.circle, g.r2, g.half_w, g.half_h,
+                               buf(out))
     return out
 
 

@@ -210,17 +210,14 @@ def hed_augment_torch(x, alpha, beta, channels_last, dst):
     dst.copy_(y.to(x.dtype))
 
 
-def _numpy(t: torch.Tensor):
-    return t.detach().numpy()
-
-
 def hed_augment_cpu(x, alpha, beta, channels_last, dst):
     """C++ fused kernel (csrc/cpu/stain_cpu.cpp), OpenMP over (image, block of pixels)."""
     p = fused_params(alpha, beta, x.dtype == torch.uint8)
+    buf = _native.buffer
     if x.dtype == torch.uint8:
-        _native.cpu().hed_augment_u8(_numpy(x), _numpy(dst), _numpy(p.tables), channels_last)
+        _native.cpu().hed_augment_u8(buf(x), buf(dst), buf(p.tables), channels_last)
     else:
-        _native.cpu().hed_augment_float(_numpy(x), _numpy(dst), _numpy(p.m.to(x.dtype)), _numpy(p.k.to(x.dtype)),
+        _native.cpu().hed_augment_float(buf(x), buf(dst), buf(p.m.to(x.dtype)), buf(p.k.to(x.dtype)),
                                         channels_last)
 
 

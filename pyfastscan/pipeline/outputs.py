@@ -53,28 +53,48 @@ def prepare_folder(folder: str) -> str:
     return folder
 
 
-def write_heatmap_tif(path: str, heat: np.ndarray, mpp_map: float) -> str:
-    """Pyramid of the map (uint8), halving until the level fits one 256 px tile."""
+def _halve(a: np.ndarray) -> np.ndarray:
+    """2x2 box downsample of a uint8 image (H, W) or (H, W, C), rounding half up; an axis of
+    length 1 stays 1."""
+    b = a.astype(np.uint16)
+    for axis in (0, 1):
+        n = b.shape[axis]
+        if n < 2:
+            b = b * 2
+            continue
+        even = n // 2 * 2
+        b = np.take(b, range(0, even, 2), axis) + np.take(b, range(1, even, 2), axis)
+    return ((b + 2) // 4).astype(np.uint8)
+
+
+def write_pyramid_tif(path: str, image: np.ndarray, mpp: float, *, levels: Optional[int] = None,
+                      compression: str = "zlib", description: Optional[str] = None) -> str:
+    """Tiled (256 px) pyramidal TIFF, each level a page of the main IFD chain (where
+    OpenSlide looks), with the resolution of each level in its tags. ``image`` is uint8
+    (H, W) or RGB (H, W, 3) at ``mpp`` um/px. Without ``levels``, halves until the level
+    fits one tile."""
     import tifffile
 
-    levels = [np.clip(np.rint(heat * 255), 0, 255).astype(np.uint8)]
-    while max(levels[-1].shape) > 256:
-        a = levels[-1].astype(np.float32)
-        a = a[: a.shape[0] // 2 * 2 or 1, : a.shape[1] // 2 * 2 or 1]
-        if a.shape[0] >= 2 and a.shape[1] >= 2:
-            a = (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]) / 4
-        levels.append(np.rint(a).astype(np.uint8))
+    pyramid = [image]
+    while (len(pyramid) < levels) if levels is not None else max(pyramid[-1].shape[:2]) > 256:
+        pyramid.append(_halve(pyramid[-1]))
+    photometric = "rgb" if image.ndim == 3 else "minisblack"
 
     def write(tmp):
         with tifffile.TiffWriter(tmp, bigtiff=False) as tif:
-            for i, lv in enumerate(levels):
-                res = 1e4 / (mpp_map * 2 ** i)  # pixels per centimetre
-                tif.write(lv, tile=(256, 256), compression="zlib", photometric="minisblack",
+            for i, lv in enumerate(pyramid):
+                res = 1e4 / (mpp * 2 ** i)  # pixels per centimetre
+                tif.write(lv, tile=(256, 256), compression=compression, photometric=photometric,
                           resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=1 if i else 0,
-                          description="pyfastscan heat map: probability * 255" if i == 0 else None,
-                          metadata=None)
+                          description=description if i == 0 else None, metadata=None)
 
     return _atomic(path, write)
+
+
+def write_heatmap_tif(path: str, heat: np.ndarray, mpp_map: float) -> str:
+    """The probability map as uint8 (probability * 255), zlib tiles, pyramid to one tile."""
+    return write_pyramid_tif(path, np.clip(np.rint(heat * 255), 0, 255).astype(np.uint8), mpp_map,
+                             description="pyfastscan heat map: probability * 255")
 
 
 def _colour(heat: np.ndarray) -> np.ndarray:
@@ -102,10 +122,7 @@ def write_overlay_png(path: str, result) -> str:
                           np.clip(ix, 0, result.heatmap.shape[1] - 1)[None, :]]
     alpha = np.where(inside, 0.25 + 0.5 * heat, 0.0)[..., None]
     out = (thumb * (1 - alpha) + _colour(heat) * alpha).astype(np.uint8)
-    t = result.tissue
-    my = np.minimum(((np.arange(th) + 0.5) * ds / t.downsample).astype(int), t.mask.shape[0] - 1)
-    mx = np.minimum(((np.arange(tw) + 0.5) * ds / t.downsample).astype(int), t.mask.shape[1] - 1)
-    m = t.mask[my[:, None], mx[None, :]]
+    m = result.tissue.on_grid((np.arange(th) + 0.5) * ds, (np.arange(tw) + 0.5) * ds)
     out[m & ~ndimage.binary_erosion(m)] = (0, 160, 0)  # tissue outline in green
     return _atomic(path, lambda tmp: Image.fromarray(out).save(tmp, format="PNG"))
 

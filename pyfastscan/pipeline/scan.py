@@ -8,6 +8,7 @@ stride S_r = S_p' * L_m' (their maps tile the whole-slide map with no overlap an
 read tissue ROIs ahead in background threads, run the dense model, stitch, post-process.
 Map cell (i, j) is the patch whose top-left corner is (j, i) * step at the scan level.
 """
+import contextlib
 import math
 import sys
 import time
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..dense import DenseModel, to_dense
 from ..errors import InvalidArgumentError
-from ..slide.reader import NoResolutionError, Slide, open_slide
+from ..slide.reader import Slide, open_slide
 from ..slide.tissue import TissueMask, otsu_tissue_mask, user_tissue_mask
 
 
@@ -120,101 +121,96 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
     """
     timings = {"open": 0.0, "tissue": 0.0, "read_wait": 0.0, "infer": 0.0, "postprocess": 0.0}
     t0 = time.perf_counter()
-    s = slide if isinstance(slide, Slide) else _open(slide, mpp)
-    _positive_int("roi_outputs", roi_outputs)
-    _positive_int("workers", workers)
-    scan_mpp = float(mpp) if mpp is not None else s.mpp
-    scan_ds = scan_mpp / s.mpp
-    if scan_ds < 0.999:
-        raise InvalidArgumentError(f"{s.name}: cannot scan at {scan_mpp} um/px, finer than level 0 ({s.mpp} um/px)")
-    dense = model if isinstance(model, DenseModel) else to_dense(model.eval(), alpha, plan=plan, precision=precision)
-    dense = dense.to(device)
-    g = dense.geometry
-    w0, h0 = s.dimensions
-    scan_w, scan_h = int(w0 / scan_ds), int(h0 / scan_ds)
-    n_rows, n_cols = g.output_side(scan_h), g.output_side(scan_w)
-    if n_rows == 0 or n_cols == 0:
-        raise InvalidArgumentError(f"{s.name}: {scan_w} x {scan_h} px at {scan_mpp} um/px is smaller than one "
-                                   f"patch ({g.patch} px)")
-    timings["open"] = time.perf_counter() - t0
+    opened = not isinstance(slide, Slide)
+    s = open_slide(slide, default_mpp=mpp) if opened else slide
+    with contextlib.ExitStack() as stack:
+        if opened:
+            stack.callback(s.close)
+        _positive_int("roi_outputs", roi_outputs)
+        _positive_int("workers", workers)
+        scan_mpp = float(mpp) if mpp is not None else s.mpp
+        scan_ds = scan_mpp / s.mpp
+        if scan_ds < 0.999:
+            raise InvalidArgumentError(f"{s.name}: cannot scan at {scan_mpp} um/px, finer than level 0 "
+                                       f"({s.mpp} um/px)")
+        dense = model if isinstance(model, DenseModel) else to_dense(model.eval(), alpha, plan=plan, precision=precision)
+        dense = dense.to(device)
+        g = dense.geometry
+        w0, h0 = s.dimensions
+        scan_w, scan_h = int(w0 / scan_ds), int(h0 / scan_ds)
+        n_rows, n_cols = g.output_side(scan_h), g.output_side(scan_w)
+        if n_rows == 0 or n_cols == 0:
+            raise InvalidArgumentError(f"{s.name}: {scan_w} x {scan_h} px at {scan_mpp} um/px is smaller than one "
+                                       f"patch ({g.patch} px)")
+        timings["open"] = time.perf_counter() - t0
 
-    t = time.perf_counter()
-    thumb, thumb_ds = s.thumbnail()
-    if tissue_mask is None:
-        tissue = otsu_tissue_mask(thumb, thumb_ds)
-    elif isinstance(tissue_mask, TissueMask):
-        tissue = tissue_mask
-    else:
-        tissue = user_tissue_mask(tissue_mask, w0, tissue_labels)
-    timings["tissue"] = time.perf_counter() - t
+        t = time.perf_counter()
+        thumb, thumb_ds = s.thumbnail()
+        if tissue_mask is None:
+            tissue = otsu_tissue_mask(thumb, thumb_ds)
+        elif isinstance(tissue_mask, TissueMask):
+            tissue = tissue_mask
+        else:
+            tissue = user_tissue_mask(tissue_mask, w0, tissue_labels)
+        timings["tissue"] = time.perf_counter() - t
 
-    level = s.best_level(scan_ds)
-    level_ds = s.handle.level_downsamples[level]
-    L = roi_outputs
-    rois = []
-    for a in range(math.ceil(n_rows / L)):
-        for b in range(math.ceil(n_cols / L)):
-            rows, cols = min(L, n_rows - a * L), min(L, n_cols - b * L)
-            x, y = b * L * g.step, a * L * g.step  # scan-level pixels
-            wi, hi = g.input_side(cols), g.input_side(rows)
-            if tissue.any_in(x * scan_ds, y * scan_ds, (x + wi) * scan_ds, (y + hi) * scan_ds):
-                rois.append((a * L, b * L, rows, cols, x, y, wi, hi))
-    n_total = math.ceil(n_rows / L) * math.ceil(n_cols / L)
+        level = s.best_level(scan_ds)
+        level_ds = s.handle.level_downsamples[level]
+        L = roi_outputs
+        rois = []
+        for a in range(math.ceil(n_rows / L)):
+            for b in range(math.ceil(n_cols / L)):
+                rows, cols = min(L, n_rows - a * L), min(L, n_cols - b * L)
+                x, y = b * L * g.step, a * L * g.step  # scan-level pixels
+                wi, hi = g.input_side(cols), g.input_side(rows)
+                if tissue.any_in(x * scan_ds, y * scan_ds, (x + wi) * scan_ds, (y + hi) * scan_ds):
+                    rois.append((a * L, b * L, rows, cols, x, y, wi, hi))
+        n_total = math.ceil(n_rows / L) * math.ceil(n_cols / L)
 
-    def read(roi):
-        _, _, _, _, x, y, wi, hi = roi
-        return _read_scan_region(s, x, y, wi, hi, scan_ds, level, level_ds)
+        def read(roi):
+            _, _, _, _, x, y, wi, hi = roi
+            return _read_scan_region(s, x, y, wi, hi, scan_ds, level, level_ds)
 
-    heat = np.zeros((n_rows, n_cols), dtype=np.float32)
-    softmax = not (len(dense.layers) and isinstance(dense.layers[-1], nn.Softmax))
-    param = next(dense.parameters(), None)
-    in_dtype = torch.float32 if param is None or precision == "bf16" else param.dtype
-    bar = _Progress(len(rois), f"scan {s.name}", progress)
-    with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
-        pending = deque()
-        it = iter(rois)
-        for roi in (next(it, None) for _ in range(workers + 1)):
-            if roi is not None:
-                pending.append((roi, pool.submit(read, roi)))
-        done = 0
-        while pending:
-            roi, fut = pending.popleft()
-            t = time.perf_counter()
-            rgb = fut.result()
-            timings["read_wait"] += time.perf_counter() - t
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(read, nxt)))
-            t = time.perf_counter()
-            x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None].to(in_dtype).div_(255)
-            out = dense(x)
-            prob = (F.softmax(out, dim=1) if softmax else out)[0, positive_class]
-            r0, c0, rows, cols = roi[:4]
-            heat[r0:r0 + rows, c0:c0 + cols] = prob.float().cpu().numpy()
-            timings["infer"] += time.perf_counter() - t
-            done += 1
-            bar.update(done)
+        heat = np.zeros((n_rows, n_cols), dtype=np.float32)
+        softmax = not (len(dense.layers) and isinstance(dense.layers[-1], nn.Softmax))
+        param = next(dense.parameters(), None)
+        in_dtype = torch.float32 if param is None or precision == "bf16" else param.dtype
+        bar = _Progress(len(rois), f"scan {s.name}", progress)
+        with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
+            pending = deque()
+            it = iter(rois)
+            for roi in (next(it, None) for _ in range(workers + 1)):
+                if roi is not None:
+                    pending.append((roi, pool.submit(read, roi)))
+            done = 0
+            while pending:
+                roi, fut = pending.popleft()
+                t = time.perf_counter()
+                rgb = fut.result()
+                timings["read_wait"] += time.perf_counter() - t
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(read, nxt)))
+                t = time.perf_counter()
+                x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None].to(in_dtype).div_(255)
+                out = dense(x)
+                prob = (F.softmax(out, dim=1) if softmax else out)[0, positive_class]
+                r0, c0, rows, cols = roi[:4]
+                heat[r0:r0 + rows, c0:c0 + cols] = prob.float().cpu().numpy()
+                timings["infer"] += time.perf_counter() - t
+                done += 1
+                bar.update(done)
 
-    t = time.perf_counter()
-    stride_px = g.step * scan_ds
-    origin = (g.patch / 2 * scan_ds, g.patch / 2 * scan_ds)
-    detections = postprocess(heat, stride_px, origin, threshold)
-    timings["postprocess"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-    return ScanResult(heat, stride_px, origin, detections, float(heat.max()), s.name, s.mpp, scan_mpp, (w0, h0),
-                      dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, plan=dense.plan,
-                           precision=dense.precision, roi_outputs=L), tissue, len(rois), n_total, timings,
-                      thumb, thumb_ds)
-
-
-def _open(slide, mpp: Optional[float]) -> Slide:
-    """The slide with its own resolution; mpp stands in as level 0's when it has none."""
-    try:
-        return open_slide(slide)
-    except NoResolutionError:
-        if mpp is None:
-            raise
-        return open_slide(slide, mpp)
+        t = time.perf_counter()
+        stride_px = g.step * scan_ds
+        origin = (g.patch / 2 * scan_ds, g.patch / 2 * scan_ds)
+        detections = postprocess(heat, stride_px, origin, threshold)
+        timings["postprocess"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        return ScanResult(heat, stride_px, origin, detections, float(heat.max()), s.name, s.mpp, scan_mpp, (w0, h0),
+                          dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, plan=dense.plan,
+                               precision=dense.precision, roi_outputs=L), tissue, len(rois), n_total, timings,
+                          thumb, thumb_ds)
 
 
 def _read_scan_region(s: Slide, x: int, y: int, w: int, h: int, scan_ds: float, level: int,

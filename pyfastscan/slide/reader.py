@@ -94,11 +94,12 @@ def _mpp_from_properties(props) -> Optional[float]:
     return None
 
 
-def open_slide(slide, mpp: Optional[float] = None) -> Slide:
+def open_slide(slide, mpp: Optional[float] = None, default_mpp: Optional[float] = None) -> Slide:
     """Open ``slide`` (a path, or an object with OpenSlide's reading interface).
 
     Args:
-        mpp: level-0 um/px; overrides the slide's own (required when it has none).
+        mpp: level-0 um/px; overrides the slide's own.
+        default_mpp: level-0 um/px used only when the slide has no resolution of its own.
     Raises:
         SlideError naming the file and the reason: missing, not a slide / corrupt, no
         resolution (pass mpp / --mpp).
@@ -124,11 +125,12 @@ def open_slide(slide, mpp: Optional[float] = None) -> Slide:
         except openslide.OpenSlideError as exc:
             raise SlideError(f"{path}: cannot be read ({exc})") from None
     own = _mpp_from_properties(handle.properties)
-    if mpp is not None:
-        if not (isinstance(mpp, (int, float)) and mpp > 0 and np.isfinite(mpp)):
-            raise SlideError(f"{name}: mpp must be a positive number, got {mpp!r}")
-        own = float(mpp)
-    if own is None:
+    chosen = mpp if mpp is not None else own if own is not None else default_mpp
+    if chosen is not None and not (isinstance(chosen, (int, float)) and chosen > 0 and np.isfinite(chosen)):
+        raise SlideError(f"{name}: mpp must be a positive number, got {chosen!r}")
+    if chosen is None:
+        if handle is not slide:
+            handle.close()
         raise NoResolutionError(f"{name}: the slide has no resolution (no openslide.mpp-x property); pass mpp= "
                          "(--mpp on the command line) with its level-0 micrometres per pixel")
-    return Slide(handle, name, own)
+    return Slide(handle, name, float(chosen))

@@ -18,6 +18,15 @@ class TissueMask:
     def area_mm2(self, mpp: float) -> float:
         return float(self.mask.sum()) * (self.downsample * mpp / 1000) ** 2
 
+    def on_grid(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Mask values at every (y, x) of the grid ys x xs (1-D arrays of level-0 pixel
+        coordinates): (len(ys), len(xs)) bool; the mask pixel containing each point,
+        clamped to the mask."""
+        d = self.downsample
+        iy = np.clip((np.asarray(ys, dtype=np.float64) / d).astype(np.int64), 0, self.mask.shape[0] - 1)
+        ix = np.clip((np.asarray(xs, dtype=np.float64) / d).astype(np.int64), 0, self.mask.shape[1] - 1)
+        return self.mask[iy[:, None], ix[None, :]]
+
     def any_in(self, x0: float, y0: float, x1: float, y1: float) -> bool:
         """Is there tissue in the level-0 box [x0, x1) x [y0, y1)?"""
         d = self.downsample
