@@ -154,6 +154,28 @@ def test_stats_with_tissue_mask():
     assert stats.max_count == full[inc].max()
 
 
+@pytest.mark.parametrize("exclude", ["zero", "none"])
+def test_stats_exclude_rule(exclude):
+    pts = _points(30, SMALL["slide_size"], seed=6)
+    full = hotspot_counts(pts, window="circle", backend="torch", **SMALL).counts.numpy()
+    mask = np.zeros((101, 153), dtype=bool)
+    mask[20:80, 30:120] = True
+    for tissue in (None, mask):
+        stats = hotspot_stats(pts, window="circle", tissue_mask=tissue, exclude=exclude, **SMALL)
+        inc = np.ones(full.shape, dtype=bool)
+        if tissue is not None:
+            step = SMALL["step_um"] / MPP
+            cy = ((np.arange(full.shape[0]) + 0.5) * step / 10).astype(int)
+            cx = ((np.arange(full.shape[1]) + 0.5) * step / 10).astype(int)
+            inc = mask[cy[:, None], cx[None, :]]
+        if exclude == "zero":
+            inc &= full > 0
+        assert stats.n_positions == inc.sum()
+        assert stats.percentile_count == pytest.approx(float(np.percentile(full[inc], 95)), abs=1e-9)
+    with pytest.raises(InvalidArgumentError, match="exclude"):
+        hotspot_stats(pts, exclude="background", **SMALL)
+
+
 def test_no_detections_is_not_an_error():
     stats = hotspot_stats(np.zeros((0, 2)), **SMALL)
     assert stats.max_count == 0 and stats.max_center_xy is None and stats.n_positions == 0

@@ -215,7 +215,8 @@ def _percentile_from_histogram(hist: np.ndarray, q: float) -> float:
 
 def hotspot_stats(points_xy, *, slide_size, mpp: float, window: str = "circle", area_mm2: Optional[float] = None,
                   aspect=(4, 3), step_um: float = 8.0, tissue_mask=None, mask_downsample: Optional[float] = None,
-                  percentile: float = 95, backend: str = "auto", progress=None) -> HotspotStats:
+                  percentile: float = 95, exclude: str = "auto", backend: str = "auto",
+                  progress=None) -> HotspotStats:
     """Maximum and percentile of the hotspot counts, in bounded memory.
 
     The count map is computed in bands of rows (about 64 MiB each) and reduced to a
@@ -229,10 +230,15 @@ def hotspot_stats(points_xy, *, slide_size, mpp: float, window: str = "circle", 
             True pixels are included. Without it, centres with count 0 are excluded.
         mask_downsample: level-0 pixels per mask pixel (default: slide width / mask width).
         percentile: in [0, 100]; numpy's "linear" rule.
+        exclude: which centres besides non-tissue ones are left out: "auto" (zero counts
+            when there is no tissue_mask, nothing more with one), "zero" (zero counts
+            always) or "none" (every centre, or every tissue centre).
         progress: optional callable(rows_done, rows_total).
     Returns:
         HotspotStats.
     """
+    if exclude not in ("auto", "zero", "none"):
+        raise InvalidArgumentError(f"exclude must be 'auto', 'zero' or 'none', got {exclude!r}")
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
         raise InvalidArgumentError(f"percentile must be in [0, 100], got {percentile!r}")
     g = _geometry(slide_size, mpp, window, area_mm2, aspect, step_um)
@@ -252,8 +258,10 @@ def hotspot_stats(points_xy, *, slide_size, mpp: float, window: str = "circle", 
     for r0 in range(0, g.n_rows, band):
         r1 = min(g.n_rows, r0 + band)
         counts = _counts_rows(xs, ys, g, r0, r1, backend).numpy()
-        included = (tissue.on_grid((np.arange(r0, r1) + 0.5) * g.step, (np.arange(g.n_cols) + 0.5) * g.step)
-                    if tissue is not None else counts > 0)
+        included = np.ones(counts.shape, dtype=bool) if tissue is None else \
+            tissue.on_grid((np.arange(r0, r1) + 0.5) * g.step, (np.arange(g.n_cols) + 0.5) * g.step)
+        if exclude == "zero" or (exclude == "auto" and tissue is None):
+            included &= counts > 0
         vals = counts[included]
         if vals.size:
             hist += np.bincount(vals, minlength=hist.size)[:hist.size]
