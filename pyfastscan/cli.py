@@ -6,6 +6,30 @@ import shlex
 import sys
 
 ARCHS = ("vgg16_fcn", "tellez_cnn")
+CHECKPOINT = ".pyfastscan-scan.ckpt"  # in each slide's output folder while its scan runs
+
+
+def _roi_outputs(v: str):
+    return v if v == "auto" else int(v)
+
+
+def _scan_one(path, out, model, args, command):
+    """Scan one slide into ``out``; the checkpoint lives there until the outputs are written."""
+    from . import open_slide, scan_slide
+    from .pipeline.outputs import prepare_folder
+
+    ckpt = os.path.join(out, CHECKPOINT)
+    slide = open_slide(path, default_mpp=args.mpp)  # a bad slide fails before any folder is made
+    try:
+        prepare_folder(out)  # an unwritable folder fails before the scan, not after it
+        res = scan_slide(slide, model, alpha=args.alpha, mpp=args.mpp, device=args.device, precision=args.precision,
+                         roi_outputs=args.roi_outputs, memory=args.memory_mib << 20 if args.memory_mib else None,
+                         checkpoint=ckpt, resume=args.resume and os.path.exists(ckpt), progress=not args.quiet)
+        paths = res.save(out, command=command)
+    finally:
+        slide.close()
+    os.remove(ckpt)  # the outputs are complete: nothing left to resume
+    return res, paths
 
 
 def _scan(args) -> int:
@@ -13,7 +37,7 @@ def _scan(args) -> int:
     Exit status 0 when all succeeded, 1 when any failed."""
     import torch
 
-    from . import load_weights, scan_slide
+    from . import load_weights
     from .errors import PyfastscanError
     from .models import tellez_cnn, vgg16_fcn
 
@@ -31,16 +55,19 @@ def _scan(args) -> int:
         name = os.path.splitext(os.path.basename(path))[0]
         out = os.path.join(args.out, name) if len(args.slides) > 1 or args.per_slide_folder else args.out
         try:
-            res = scan_slide(path, model, alpha=args.alpha, mpp=args.mpp, device=args.device,
-                             precision=args.precision, roi_outputs=args.roi_outputs, progress=not args.quiet)
-            paths = res.save(out, command=command)
+            res, paths = _scan_one(path, out, model, args, command)
         except (PyfastscanError, OSError, ValueError, RuntimeError) as exc:
             print(f"pyfastscan scan: {path}: FAILED: {exc}", file=sys.stderr)
             failed.append(path)
             continue
+        except KeyboardInterrupt:
+            print(f"\npyfastscan scan: interrupted during {path}; run the same command with --resume to continue "
+                  "from the ROIs already finished", file=sys.stderr)
+            return 130
         t = res.timings
+        resumed = f" ({res.n_rois_resumed} from the checkpoint)" if res.n_rois_resumed else ""
         print(f"{path}: score {res.score:.4f}, {len(res.detections)} detections, {res.n_rois}/{res.n_rois_total} "
-              f"ROIs, {t['total']:.1f} s (infer {t['infer']:.1f} s, waiting for reads {t['read_wait']:.1f} s) "
+              f"ROIs{resumed}, {t['total']:.1f} s (infer {t['infer']:.1f} s, waiting for reads {t['read_wait']:.1f} s) "
               f"-> {os.path.dirname(paths['report'])}")
     if failed:
         print(f"pyfastscan scan: {len(failed)} of {len(args.slides)} slides failed: {', '.join(failed)}",
@@ -67,7 +94,14 @@ def main(argv=None) -> int:
                       help="scan resolution in um/px (default: level 0); the level-0 resolution of slides without one")
     scan.add_argument("--device", default="cpu")
     scan.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    scan.add_argument("--roi-outputs", type=int, default=48, help="L_m': map cells per ROI side")
+    scan.add_argument("--roi-outputs", type=_roi_outputs, default="auto",
+                      help="L_m': map cells per ROI side (default auto: the largest that fits --memory-mib)")
+    scan.add_argument("--memory-mib", type=int, default=0,
+                      help="memory budget for one ROI (default: half the free GPU memory, or a quarter of the "
+                           "available RAM up to 4 GiB)")
+    scan.add_argument("--resume", action="store_true",
+                      help=f"continue an interrupted scan from the ROIs it finished (kept in OUT/{CHECKPOINT} "
+                           "until the outputs are written)")
     scan.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     scan.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)

@@ -230,28 +230,41 @@ class DenseModel(nn.Module):
             raise RuntimeError(f"dense map {tuple(out.shape[-2:])} != geometry {expected} ({self.plan} plan)")
         return out.float() if self.precision == "bf16" else out
 
-    def multiply_adds(self, side: int) -> int:
-        """Convolution multiply-adds of one forward pass on a side x side input (per image),
-        counted from the layers' shapes: the cost model the benchmarks compare against."""
+    def _walk(self, side: int):
+        """(module, output side, output channels) of every layer for a side x side input, after the padding forward adds to reach whole groups; first the input itself
+        as (None, padded side, input channels)."""
         g = self.geometry
         out = g.output_side(side)
         whole = -(-out // self.group) * self.group
         n = g.input_side(whole) if whole != out else side  # forward pads to whole groups
-        total = 0
+        first = next((m for m in self.layers if isinstance(m, (nn.Conv2d, AnchConv2d))), None)
+        c = first.weight.shape[1] * first.groups if first is not None else 3
+        yield None, n, c
         for m in self.layers:
             if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
                 k, s, d = (_first(getattr(m, a, 1)) for a in ("kernel_size", "stride", "dilation"))
-                out = (n - d * (k - 1) - 1) // s + 1
+                n = (n - d * (k - 1) - 1) // s + 1
             elif isinstance(m, (AnchConv2d, AnchPool2d)):
                 k = m.weight.shape[-1] if isinstance(m, AnchConv2d) else _first(m.kernel_size)
-                out = AnchorAxis(k, _first(m.dilation), _first(m.anchor_stride),
-                                 _first(m.operating_distance)).out_len(n)
-            else:
-                continue
+                n = AnchorAxis(k, _first(m.dilation), _first(m.anchor_stride), _first(m.operating_distance)).out_len(n)
             if isinstance(m, (nn.Conv2d, AnchConv2d)):
-                total += out * out * m.weight[0].numel() * m.weight.shape[0]
-            n = out
-        return total
+                c = m.weight.shape[0]
+            yield m, n, c
+
+    def multiply_adds(self, side: int) -> int:
+        """Convolution multiply-adds of one forward pass on a side x side input (per image),
+        counted from the layers' shapes: the cost model the benchmarks compare against."""
+        return sum(n * n * m.weight[0].numel() * m.weight.shape[0]
+                   for m, n, _ in self._walk(side) if isinstance(m, (nn.Conv2d, AnchConv2d)))
+
+    def activation_bytes(self, side: int) -> int:
+        """Peak bytes of activations held at once in one forward pass on a side x side
+        input (per image): the largest input + output pair of a layer, in the
+        precision the layers run in. Used to choose the ROI size that fits a memory budget."""
+        param = next(self.parameters(), None)
+        item = 2 if self.precision == "bf16" else (param.element_size() if param is not None else 4)
+        sizes = [n * n * c for _, n, c in self._walk(side)]
+        return item * max(a + b for a, b in zip(sizes, sizes[1:] or [0]))
 
     def extra_repr(self) -> str:
         g = self.geometry

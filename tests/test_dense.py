@@ -270,3 +270,19 @@ def test_multiply_adds_match_the_layers_that_run(plan, alpha, map_side):
     for h in hooks:
         h.remove()
     assert len(seen) == 16 and dense.multiply_adds(side) == sum(seen)
+
+
+@pytest.mark.parametrize("plan,alpha,precision", [("minimal", 2, "fp32"), ("paper", 4, "fp32"), ("minimal", 2, "bf16")])
+def test_activation_bytes_match_the_tensors_that_run(plan, alpha, precision):
+    """The memory model that chooses the ROI size equals the largest input + output pair
+    of the layers' actual tensors."""
+    dense = to_dense(_seeded(vgg16_fcn(width=1 / 32), dtype=torch.float32), alpha, plan=plan, precision=precision)
+    pairs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: pairs.append(i[0].numel() * i[0].element_size()
+                                                                  + o.numel() * o.element_size()))
+             for m in dense.layers]
+    side = dense.geometry.input_side(5) + 3
+    dense(torch.zeros(1, 3, side, side))
+    for h in hooks:
+        h.remove()
+    assert len(pairs) == len(dense.layers) and dense.activation_bytes(side) == max(pairs)

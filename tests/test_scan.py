@@ -161,10 +161,104 @@ def test_cli_scans_several_slides_and_reports_failures(tmp_path):
     weights = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in tellez_cnn().state_dict().items()}, str(weights))
     status = main(["scan", SVS, str(tmp_path / "missing.svs"), "--weights", str(weights), "--arch", "tellez_cnn",
-                   "--mpp", "8.0", "--out", str(tmp_path / "out"), "--quiet"])
+                   "--mpp", "8.0", "--out", str(tmp_path / "out"), "--quiet", "--resume"])
     assert status == 1
     assert os.path.exists(tmp_path / "out" / "cmu_small_region" / "report.json")
+    assert json.load(open(tmp_path / "out" / "cmu_small_region" / "report.json"))["rois_resumed"] == 0
+    assert not os.path.exists(tmp_path / "out" / "cmu_small_region" / ".pyfastscan-scan.ckpt")  # done: removed
     assert not os.path.exists(tmp_path / "out" / "missing")
+
+
+_KILLED_SCAN = """
+import sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[3])
+from test_scan import ArraySlide, _model
+from pyfastscan import scan_slide
+
+class SlowSlide(ArraySlide):
+    def read_region(self, *args):
+        time.sleep(0.2)  # slow enough to be killed midway
+        return super().read_region(*args)
+
+scan_slide(SlowSlide(np.load(sys.argv[1])), _model(), alpha=2, roi_outputs=5,
+           tissue_mask=np.ones((17, 14), dtype=bool), checkpoint=sys.argv[2], progress=False)
+"""
+
+
+def _records(path):
+    """Whole records in a checkpoint so far (5 x 5 blocks: 20-byte head + 100 floats)."""
+    if not os.path.exists(path):
+        return 0
+    data = open(path, "rb").read()
+    return (len(data) - data.find(b"\n") - 1) // 120 if b"\n" in data else 0
+
+
+def test_a_killed_scan_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL a scan in another process midway; the resumed scan computes only the ROIs
+    the log does not hold, and its map equals an uninterrupted scan's, bit for bit."""
+    import subprocess
+    import sys
+    import time
+
+    img = _image()
+    np.save(tmp_path / "img.npy", img)
+    ckpt = str(tmp_path / "scan.ckpt")
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SCAN, str(tmp_path / "img.npy"), ckpt,
+                             os.path.dirname(__file__)])
+    deadline = time.monotonic() + 120
+    while _records(ckpt) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode != 0, "the scan finished before it could be killed"
+    with open(ckpt, "ab") as f:
+        f.write(b"\x05\x00\x00")  # a record cut short by the kill
+    kw = dict(alpha=2, roi_outputs=5, tissue_mask=np.ones((17, 14), dtype=bool), progress=False)
+    resumed = scan_slide(ArraySlide(img), _model(), checkpoint=ckpt, resume=True, **kw)
+    whole = scan_slide(ArraySlide(img), _model(), **kw)
+    assert 3 <= resumed.n_rois_resumed < resumed.n_rois == whole.n_rois
+    assert np.array_equal(resumed.heatmap, whole.heatmap)
+    assert [(d.probability, d.x, d.y) for d in resumed.detections] == [(d.probability, d.x, d.y)
+                                                                       for d in whole.detections]
+    # the log now holds every ROI: resuming again computes nothing
+    again = scan_slide(ArraySlide(img), _model(), checkpoint=ckpt, resume=True, **kw)
+    assert again.n_rois_resumed == again.n_rois and np.array_equal(again.heatmap, whole.heatmap)
+
+
+def test_a_checkpoint_of_another_scan_is_refused(tmp_path):
+    ckpt = str(tmp_path / "scan.ckpt")
+    kw = dict(tissue_mask=np.ones((17, 14), dtype=bool), progress=False, checkpoint=ckpt)
+    scan_slide(ArraySlide(_image()), _model(), alpha=2, roi_outputs=5, **kw)
+    with pytest.raises(InvalidArgumentError, match="different scan.*alpha"):
+        scan_slide(ArraySlide(_image()), _model(), alpha=1, roi_outputs=5, resume=True, **kw)
+    other = _model()
+    with torch.no_grad():
+        other[0].weight[0, 0, 0, 0] += 1
+    with pytest.raises(InvalidArgumentError, match="different scan.*weights"):
+        scan_slide(ArraySlide(_image()), other, alpha=2, roi_outputs=5, resume=True, **kw)
+    (tmp_path / "junk").write_bytes(b"junk")
+    with pytest.raises(InvalidArgumentError, match="not a pyfastscan checkpoint"):
+        scan_slide(ArraySlide(_image()), _model(), resume=True, **{**kw, "checkpoint": str(tmp_path / "junk")})
+
+
+def test_auto_roi_size_is_the_largest_that_fits_the_budget():
+    from pyfastscan.pipeline.scan import choose_roi_outputs
+
+    dense = to_dense(_model(torch.float32), 2)
+    g = dense.geometry
+
+    def need(L):
+        return dense.activation_bytes(g.input_side(L)) + 3 * 3 * g.input_side(L) ** 2
+
+    budget = need(37) + 1
+    assert choose_roi_outputs(dense, budget, workers=2) == 37
+    assert choose_roi_outputs(dense, need(37) - 1, workers=2) == 36
+    assert choose_roi_outputs(dense, 1 << 40, workers=2) == 256
+    with pytest.raises(InvalidArgumentError, match="memory budget"):
+        choose_roi_outputs(dense, 1000)
+    res = scan_slide(ArraySlide(_image()), _model(torch.float32), alpha=2, memory=need(9), progress=False)
+    assert res.geometry["roi_outputs"] == 9
 
 
 def test_demo_builds_a_real_pyramidal_slide_and_scans_it(tmp_path):

@@ -10,6 +10,7 @@ Map cell (i, j) is the patch whose top-left corner is (j, i) * step at the scan 
 """
 import contextlib
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -58,6 +59,7 @@ class ScanResult:
     timings: Dict[str, float]
     thumbnail: Optional[np.ndarray] = field(default=None, repr=False)
     thumbnail_downsample: float = 1.0
+    n_rois_resumed: int = 0
 
     def save(self, folder, command: Optional[str] = None) -> Dict[str, str]:
         """Write heatmap.tif, overlay.png, detections.csv, detections.geojson and report.json
@@ -96,10 +98,59 @@ def _positive_int(name, v):
     return v
 
 
+def memory_budget(device) -> int:
+    """Default bytes a scan may use for one ROI's activations: half the free memory of a
+    CUDA device, a quarter of the available memory (at most 4 GiB) on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(min(avail / 4, 4 << 30)) if avail else 1 << 30
+
+
+def choose_roi_outputs(dense: DenseModel, budget: int, workers: int = 2, limit: int = 256) -> int:
+    """L_m': the largest number of map cells per ROI side (at most ``limit``) whose forward
+    pass and read-ahead buffers (``workers`` + 1 RGB ROIs) fit in ``budget`` bytes."""
+    g = dense.geometry
+
+    def need(L):
+        side = g.input_side(L)
+        return dense.activation_bytes(side) + (workers + 1) * 3 * side * side
+
+    if need(1) > budget:
+        raise InvalidArgumentError(f"a single patch ({g.patch} px) needs {need(1) / 2**20:.0f} MiB, more than the "
+                                   f"memory budget of {budget / 2**20:.0f} MiB")
+    lo, hi = 1, limit
+    while lo < hi:  # need() grows with L
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= budget else (lo, mid - 1)
+    return lo
+
+
+def _scan_key(s: Slide, dense: DenseModel, scan_mpp: float, L: int, positive_class: int) -> dict:
+    """Everything that changes the map of a scan: a checkpoint resumes only under the same key."""
+    from .checkpoint import weights_digest
+
+    g = dense.geometry
+    return dict(slide=os.path.basename(str(s.name)), slide_size=list(s.dimensions), slide_mpp=s.mpp,
+                scan_mpp=scan_mpp, patch=g.patch, stride=g.stride, alpha=g.alpha, plan=dense.plan,
+                precision=dense.precision, roi_outputs=L, positive_class=positive_class,
+                weights=weights_digest(dense))
+
+
 def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] = None, device="cpu",
                precision: str = "fp32", plan: str = "minimal", tissue_mask=None, tissue_labels=None,
-               roi_outputs: int = 48, positive_class: int = 1, threshold: float = 0.5, workers: int = 2,
-               progress: bool = True) -> ScanResult:
+               roi_outputs="auto", memory: Optional[int] = None, positive_class: int = 1,
+               threshold: float = 0.5, workers: int = 2, checkpoint: Optional[str] = None,
+               resume: bool = False, progress: bool = True) -> ScanResult:
     """Dense scan of a whole slide with a padding-free patch classifier.
 
     Args:
@@ -114,9 +165,15 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
         device, precision, plan: where and how the dense model runs (see to_dense).
         tissue_mask: None (Otsu on a thumbnail), or a mask image at any downsample
             (nonzero = tissue, or label values in ``tissue_labels``).
-        roi_outputs: L_m', outputs per ROI side (memory grows with its square).
+        roi_outputs: L_m', map cells per ROI side, or "auto": the largest (up to 256) whose
+            activations fit ``memory`` bytes (default :func:`memory_budget` of the device).
+        memory: the byte budget for roi_outputs="auto".
         threshold: probability for detections (paper: 0.5).
         workers: background threads reading ROIs ahead of the model.
+        checkpoint: a file where each finished ROI is appended as soon as it is computed.
+        resume: continue from ``checkpoint``: the ROIs it holds are not read or computed
+            again. It must come from a scan of the same slide with the same model and
+            parameters (checked). Without resume, the checkpoint starts empty.
         progress: a progress line on stderr.
     """
     timings = {"open": 0.0, "tissue": 0.0, "read_wait": 0.0, "infer": 0.0, "postprocess": 0.0}
@@ -126,8 +183,11 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
     with contextlib.ExitStack() as stack:
         if opened:
             stack.callback(s.close)
-        _positive_int("roi_outputs", roi_outputs)
+        if roi_outputs != "auto":
+            _positive_int("roi_outputs", roi_outputs)
         _positive_int("workers", workers)
+        if not 0 <= threshold < 1:
+            raise InvalidArgumentError(f"threshold must be in [0, 1), got {threshold!r}")
         scan_mpp = float(mpp) if mpp is not None else s.mpp
         scan_ds = scan_mpp / s.mpp
         if scan_ds < 0.999:
@@ -136,6 +196,8 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
         dense = model if isinstance(model, DenseModel) else to_dense(model.eval(), alpha, plan=plan, precision=precision)
         dense = dense.to(device)
         g = dense.geometry
+        if roi_outputs == "auto":
+            roi_outputs = choose_roi_outputs(dense, memory if memory is not None else memory_budget(device), workers)
         w0, h0 = s.dimensions
         scan_w, scan_h = int(w0 / scan_ds), int(h0 / scan_ds)
         n_rows, n_cols = g.output_side(scan_h), g.output_side(scan_w)
@@ -157,28 +219,35 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
         level = s.best_level(scan_ds)
         level_ds = s.handle.level_downsamples[level]
         L = roi_outputs
-        rois = []
-        for a in range(math.ceil(n_rows / L)):
-            for b in range(math.ceil(n_cols / L)):
-                rows, cols = min(L, n_rows - a * L), min(L, n_cols - b * L)
-                x, y = b * L * g.step, a * L * g.step  # scan-level pixels
-                wi, hi = g.input_side(cols), g.input_side(rows)
-                if tissue.any_in(x * scan_ds, y * scan_ds, (x + wi) * scan_ds, (y + hi) * scan_ds):
-                    rois.append((a * L, b * L, rows, cols, x, y, wi, hi))
-        n_total = math.ceil(n_rows / L) * math.ceil(n_cols / L)
+        rois, n_total = _plan_rois(g, n_rows, n_cols, L, tissue, scan_ds)
+        heat = np.zeros((n_rows, n_cols), dtype=np.float32)  # pages never written stay unallocated
+        log = None
+        if checkpoint is not None:
+            from .checkpoint import RoiLog
+
+            log = RoiLog(os.fspath(checkpoint), _scan_key(s, dense, scan_mpp, L, positive_class), resume)
+            stack.callback(log.close)
+            log.restore(heat)
+            finished = log.done()
+            todo = [r for r in rois if (r[0], r[1]) not in finished]
+        elif resume:
+            raise InvalidArgumentError("resume needs the checkpoint file to resume from")
+        else:
+            todo = rois
+        n_resumed = len(rois) - len(todo)
 
         def read(roi):
             _, _, _, _, x, y, wi, hi = roi
             return _read_scan_region(s, x, y, wi, hi, scan_ds, level, level_ds)
 
-        heat = np.zeros((n_rows, n_cols), dtype=np.float32)
         softmax = not (len(dense.layers) and isinstance(dense.layers[-1], nn.Softmax))
         param = next(dense.parameters(), None)
         in_dtype = torch.float32 if param is None or precision == "bf16" else param.dtype
-        bar = _Progress(len(rois), f"scan {s.name}", progress)
+        bar = _Progress(len(todo), f"scan {s.name}" + (f" (resuming: {n_resumed} ROIs done before)"
+                                                        if n_resumed else ""), progress)
         with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
             pending = deque()
-            it = iter(rois)
+            it = iter(todo)
             for roi in (next(it, None) for _ in range(workers + 1)):
                 if roi is not None:
                     pending.append((roi, pool.submit(read, roi)))
@@ -196,21 +265,47 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
                 out = dense(x)
                 prob = (F.softmax(out, dim=1) if softmax else out)[0, positive_class]
                 r0, c0, rows, cols = roi[:4]
-                heat[r0:r0 + rows, c0:c0 + cols] = prob.float().cpu().numpy()
+                block = prob.float().cpu().numpy()
+                heat[r0:r0 + rows, c0:c0 + cols] = block
                 timings["infer"] += time.perf_counter() - t
+                if log is not None:
+                    log.append(r0, c0, block)
                 done += 1
                 bar.update(done)
 
         t = time.perf_counter()
         stride_px = g.step * scan_ds
         origin = (g.patch / 2 * scan_ds, g.patch / 2 * scan_ds)
-        detections = postprocess(heat, stride_px, origin, threshold)
+        detections = []
+        if rois:  # outside the tissue ROIs' bounding box (+2 zero cells) the map is 0: no detections
+            r0 = max(0, min(r[0] for r in rois) - 2)
+            c0 = max(0, min(r[1] for r in rois) - 2)
+            r1 = min(n_rows, max(r[0] + r[2] for r in rois) + 2)
+            c1 = min(n_cols, max(r[1] + r[3] for r in rois) + 2)
+            detections = postprocess(heat[r0:r1, c0:c1], stride_px,
+                                     (origin[0] + c0 * stride_px, origin[1] + r0 * stride_px), threshold)
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return ScanResult(heat, stride_px, origin, detections, float(heat.max()), s.name, s.mpp, scan_mpp, (w0, h0),
                           dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, plan=dense.plan,
                                precision=dense.precision, roi_outputs=L), tissue, len(rois), n_total, timings,
-                          thumb, thumb_ds)
+                          thumb, thumb_ds, n_resumed)
+
+
+def _plan_rois(g, n_rows: int, n_cols: int, L: int, tissue: TissueMask, scan_ds: float):
+    """ROIs of L x L map cells at ROI stride L * step (paper Eq. 2), the last row and column
+    cut to the map; only those whose input area touches tissue. Each ROI is (first map row,
+    first map column, rows, columns, x, y, width, height of its input in scan-level pixels).
+    Returns (tissue ROIs, number of ROIs in the whole grid)."""
+    rois = []
+    for a in range(math.ceil(n_rows / L)):
+        for b in range(math.ceil(n_cols / L)):
+            rows, cols = min(L, n_rows - a * L), min(L, n_cols - b * L)
+            x, y = b * L * g.step, a * L * g.step
+            wi, hi = g.input_side(cols), g.input_side(rows)
+            if tissue.any_in(x * scan_ds, y * scan_ds, (x + wi) * scan_ds, (y + hi) * scan_ds):
+                rois.append((a * L, b * L, rows, cols, x, y, wi, hi))
+    return rois, math.ceil(n_rows / L) * math.ceil(n_cols / L)
 
 
 def _read_scan_region(s: Slide, x: int, y: int, w: int, h: int, scan_ds: float, level: int,
