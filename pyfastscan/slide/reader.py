@@ -1,6 +1,7 @@
 """Open a whole-slide image and read RGB regions at a resolution (DESIGN.md 2.4).
 
-``open_slide`` takes a path (read with OpenSlide) or any object with OpenSlide's reading
+``open_slide`` takes a path (read with OpenSlide; TIFFs OpenSlide refuses are read with
+tifffile, see tiff.py) or any object with OpenSlide's reading
 interface (``level_dimensions``, ``level_downsamples``, ``read_region``, ``properties``),
 so tiffslide or cuCIM users can pass theirs.
 """
@@ -94,6 +95,23 @@ def _mpp_from_properties(props) -> Optional[float]:
     return None
 
 
+def _tifffile_fallback(path: str, openslide_error: Exception):
+    """A TIFF OpenSlide refused, read with tifffile; SlideError with both reasons if that fails too."""
+    import openslide
+
+    from .tiff import TiffFileSlide, is_tiff
+
+    unsupported = isinstance(openslide_error, openslide.OpenSlideUnsupportedFormatError)
+    why = "unsupported format" if unsupported else str(openslide_error)
+    if not is_tiff(path):
+        raise SlideError(f"{path}: not a slide OpenSlide can read ({why}; unsupported or corrupt file)") from None
+    try:
+        return TiffFileSlide(path)
+    except Exception as exc:  # tifffile raises many types for truncated / corrupt files
+        raise SlideError(f"{path}: a TIFF neither OpenSlide ({why}) nor tifffile ({type(exc).__name__}: {exc}) "
+                         "can read: truncated, corrupt or an unsupported layout") from None
+
+
 def open_slide(slide, mpp: Optional[float] = None, default_mpp: Optional[float] = None) -> Slide:
     """Open ``slide`` (a path, or an object with OpenSlide's reading interface).
 
@@ -120,10 +138,8 @@ def open_slide(slide, mpp: Optional[float] = None, default_mpp: Optional[float] 
                              "openslide-bin") from None
         try:
             handle = openslide.OpenSlide(path)
-        except openslide.OpenSlideUnsupportedFormatError:
-            raise SlideError(f"{path}: not a slide OpenSlide can read (unsupported or corrupt file)") from None
         except openslide.OpenSlideError as exc:
-            raise SlideError(f"{path}: cannot be read ({exc})") from None
+            handle = _tifffile_fallback(path, exc)
     own = _mpp_from_properties(handle.properties)
     chosen = mpp if mpp is not None else own if own is not None else default_mpp
     if chosen is not None and not (isinstance(chosen, (int, float)) and chosen > 0 and np.isfinite(chosen)):
