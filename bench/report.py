@@ -20,8 +20,9 @@ def main():
     data = json.load(open(args.json_file))
     groups = defaultdict(dict)
     dense = [b for b in data["benchmarks"] if b.get("extra_info", {}).get("suite") == "dense"]
+    scan = [b for b in data["benchmarks"] if b.get("extra_info", {}).get("suite") == "scan"]
     for b in data["benchmarks"]:
-        if b in dense:
+        if b in dense or b in scan:
             continue
         provider = b.get("extra_info", {}).get("provider", b["name"])
         groups[b["group"]][provider] = dict(b["stats"], mpx=b.get("extra_info", {}).get("megapixels"))
@@ -42,6 +43,8 @@ def main():
                   f"bound (memcpy of the same bytes)")
     if dense:
         dense_report(dense)
+    if scan:
+        scan_report(scan)
 
 
 def _mark(ok):
@@ -90,6 +93,26 @@ def dense_report(benchmarks):
                 speed, mac_ratio = p[0] / d[0], p[1] / d[1]
                 print(f"  a={alpha} vs patch-based (scaled): {speed:.1f}x faster, multiply-add ratio {mac_ratio:.1f}x, "
                       f"{speed / mac_ratio:.2f} of it (target >= 0.9): {_mark(speed >= 0.9 * mac_ratio)}")
+
+
+def scan_report(benchmarks):
+    """bench_scan.py: whole scan against the model alone; peak memory of 20k and 80k slides."""
+    by = {b["extra_info"]["provider"]: b["extra_info"] for b in benchmarks}
+    print("\nwhole-slide scan (bench_scan.py)")
+    o = by.get("overhead 20k")
+    if o:
+        print(f"  scan / model alone on the same ROIs: best {min(o['scan_s']):.2f} s / best {min(o['model_s']):.2f} s = "
+              f"{o['ratio']:.3f} (target <= 1.10): {_mark(o['ratio'] <= 1.10)}; {o['rois']} ROIs of "
+              f"{o['roi_outputs']}^2 cells, {o['tissue_mm2']:.1f} mm^2 tissue")
+    m20, m80 = by.get("memory 20k"), by.get("memory 80k")
+    for name, m in (("20k", m20), ("80k", m80)):
+        if m:
+            print(f"  {name}: peak RSS {m['scan_peak_mb']:.0f} MB after the scan, {m['save_peak_mb']:.0f} MB after "
+                  f"writing the outputs (interpreter + torch: {m['base_mb']:.0f} MB); map {m['map_shape']}, "
+                  f"{m['rois']}/{m['rois_total']} ROIs (target < 2048 MB): {_mark(m['save_peak_mb'] < 2048)}")
+    if m20 and m80:
+        growth = m80["save_peak_mb"] / m20["save_peak_mb"] - 1
+        print(f"  peak growth 20k -> 80k: {growth * 100:+.1f}% (target < 20%): {_mark(growth < 0.20)}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def _roi_outputs(v: str):
 def _scan_one(path, out, model, args, command):
     """Scan one slide into ``out``; the checkpoint lives there until the outputs are written."""
     from . import open_slide, scan_slide
-    from .pipeline.outputs import prepare_folder
+    from .io.files import prepare_folder
 
     ckpt = os.path.join(out, CHECKPOINT)
     slide = open_slide(path, default_mpp=args.mpp)  # a bad slide fails before any folder is made

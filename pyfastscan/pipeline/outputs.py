@@ -9,48 +9,15 @@ os.replace), so an interrupted run never leaves a half-written output behind.
     detections.geojson  the same points as a FeatureCollection (QuPath imports it)
     report.json         score, geometry, ROI counts, tissue area, timings, versions, command
 """
-import json
 import os
 import platform
 import sys
-import tempfile
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
-
-
-def _atomic(path: str, write: Callable[[str], None]) -> str:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def _json_writer(obj, indent=None) -> Callable[[str], None]:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent)
-    return write
-
-
-def prepare_folder(folder: str) -> str:
-    """Create ``folder`` and check it is writable, with an error naming it if not."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise InvalidArgumentError(f"cannot create output folder {folder}: {exc.strerror}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InvalidArgumentError(f"output folder {folder} is not writable")
-    return folder
+from ..io.files import atomic_write
+from ..io.files import prepare_folder, write_json
 
 
 def _halve(a: np.ndarray) -> np.ndarray:
@@ -88,13 +55,15 @@ def write_pyramid_tif(path: str, image: np.ndarray, mpp: float, *, levels: Optio
                           resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=1 if i else 0,
                           description=description if i == 0 else None, metadata=None)
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def write_heatmap_tif(path: str, heat: np.ndarray, mpp_map: float) -> str:
     """The probability map as uint8 (probability * 255), zlib tiles, pyramid to one tile."""
-    return write_pyramid_tif(path, np.clip(np.rint(heat * 255), 0, 255).astype(np.uint8), mpp_map,
-                             description="pyfastscan heat map: probability * 255")
+    scaled = np.empty(heat.shape, dtype=np.uint8)
+    for r in range(0, heat.shape[0], 1024):  # in bands: no full-size float temporaries
+        scaled[r:r + 1024] = np.clip(np.rint(heat[r:r + 1024] * 255), 0, 255)
+    return write_pyramid_tif(path, scaled, mpp_map, description="pyfastscan heat map: probability * 255")
 
 
 def _colour(heat: np.ndarray) -> np.ndarray:
@@ -120,11 +89,11 @@ def write_overlay_png(path: str, result) -> str:
     inside = ((iy >= 0) & (iy < result.heatmap.shape[0]))[:, None] & ((ix >= 0) & (ix < result.heatmap.shape[1]))
     heat = result.heatmap[np.clip(iy, 0, result.heatmap.shape[0] - 1)[:, None],
                           np.clip(ix, 0, result.heatmap.shape[1] - 1)[None, :]]
-    alpha = np.where(inside, 0.25 + 0.5 * heat, 0.0)[..., None]
+    alpha = np.where(inside, 0.25 + 0.5 * heat, 0.0).astype(np.float32)[..., None]
     out = (thumb * (1 - alpha) + _colour(heat) * alpha).astype(np.uint8)
     m = result.tissue.on_grid((np.arange(th) + 0.5) * ds, (np.arange(tw) + 0.5) * ds)
     out[m & ~ndimage.binary_erosion(m)] = (0, 160, 0)  # tissue outline in green
-    return _atomic(path, lambda tmp: Image.fromarray(out).save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: Image.fromarray(out).save(tmp, format="PNG"))
 
 
 def save_result(result, folder: str, command: Optional[str] = None) -> Dict[str, str]:
@@ -143,12 +112,12 @@ def save_result(result, folder: str, command: Optional[str] = None) -> Dict[str,
             for d in dets:
                 f.write(f"{d.probability:.6f},{d.x:.1f},{d.y:.1f}\n")
 
-    paths["detections_csv"] = _atomic(os.path.join(folder, "detections.csv"), csv)
+    paths["detections_csv"] = atomic_write(os.path.join(folder, "detections.csv"), csv)
     geo = {"type": "FeatureCollection", "features": [
         {"type": "Feature", "geometry": {"type": "Point", "coordinates": [d.x, d.y]},
          "properties": {"objectType": "annotation", "name": f"p={d.probability:.3f}",
                         "classification": {"name": "Tumor"}, "probability": d.probability}} for d in dets]}
-    paths["detections_geojson"] = _atomic(os.path.join(folder, "detections.geojson"), _json_writer(geo))
+    paths["detections_geojson"] = write_json(os.path.join(folder, "detections.geojson"), geo)
     import torch
 
     report = {
@@ -165,5 +134,5 @@ def save_result(result, folder: str, command: Optional[str] = None) -> Dict[str,
                      "python": platform.python_version()},
         "command": command if command is not None else " ".join(sys.argv),
     }
-    paths["report"] = _atomic(os.path.join(folder, "report.json"), _json_writer(report, indent=2))
+    paths["report"] = write_json(os.path.join(folder, "report.json"), report, indent=2)
     return paths

@@ -99,8 +99,9 @@ def _positive_int(name, v):
 
 
 def memory_budget(device) -> int:
-    """Default bytes a scan may use for one ROI's activations: half the free memory of a
-    CUDA device, a quarter of the available memory (at most 4 GiB) on the CPU."""
+    """Default bytes a scan may use for one ROI: half the free memory of a CUDA device; on
+    the CPU a quarter of the available memory, at most 1 GiB (larger ROIs do not run
+    faster there: activations that stay in cache matter more than the halo they save)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -113,17 +114,20 @@ def memory_budget(device) -> int:
                     avail = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return int(min(avail / 4, 4 << 30)) if avail else 1 << 30
+    return int(min(avail / 4, 1 << 30)) if avail else 1 << 30
 
 
 def choose_roi_outputs(dense: DenseModel, budget: int, workers: int = 2, limit: int = 256) -> int:
     """L_m': the largest number of map cells per ROI side (at most ``limit``) whose forward
-    pass and read-ahead buffers (``workers`` + 1 RGB ROIs) fit in ``budget`` bytes."""
+    pass and read-ahead buffers (``workers`` + 1 RGB ROIs) fit in ``budget`` bytes. The
+    forward pass is counted as twice :meth:`DenseModel.activation_bytes`: the backends'
+    layout reorders and workspaces come on top of the tensors PyTorch holds (oneDNN on
+    this project's CPU peaked at 1.3-1.9x them, measured with VmHWM)."""
     g = dense.geometry
 
     def need(L):
         side = g.input_side(L)
-        return dense.activation_bytes(side) + (workers + 1) * 3 * side * side
+        return 2 * dense.activation_bytes(side) + (workers + 1) * 3 * side * side
 
     if need(1) > budget:
         raise InvalidArgumentError(f"a single patch ({g.patch} px) needs {need(1) / 2**20:.0f} MiB, more than the "

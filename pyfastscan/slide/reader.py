@@ -52,15 +52,21 @@ class Slide:
         """RGB uint8 (h, w, 3) of the region whose top-left corner is (x, y) in level-0
         pixels, w x h pixels of ``level``; transparent (unscanned) pixels become white."""
         region = np.asarray(self.handle.read_region((int(x), int(y)), level, (int(w), int(h))))
+        rgb = np.ascontiguousarray(region[..., :3])
         if region.ndim == 3 and region.shape[2] == 4:
-            rgb = region[..., :3].astype(np.uint16)
-            a = region[..., 3:4].astype(np.uint16)
-            return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)  # composite on white
-        return np.ascontiguousarray(region[..., :3])
+            a = region[..., 3]
+            part = a < 255
+            if part.any():  # composite on white, only where not opaque
+                c, w = rgb[part].astype(np.uint16), a[part][:, None].astype(np.uint16)
+                rgb[part] = (c * w + 255 * (255 - w) + 127) // 255
+        return rgb
 
-    def thumbnail(self, max_side: int = 2048) -> Tuple[np.ndarray, float]:
-        """(RGB image, its downsample from level 0) read from the coarsest level that is
-        at least ``max_side`` pixels on its longer side, or level 0 for small slides."""
+    def thumbnail(self, max_side: int = 1024) -> Tuple[np.ndarray, float]:
+        """(RGB image of at most ``max_side`` pixels a side, its downsample from level 0):
+        the coarsest level at least ``max_side`` pixels on its longer side (or level 0 for
+        small slides), box-averaged by the smallest integer factor that brings it to size."""
+        from PIL import Image
+
         w0, h0 = self.dimensions
         level = 0
         for i, (w, h) in enumerate(self.handle.level_dimensions):
@@ -68,7 +74,10 @@ class Slide:
                 level = i
         w, h = self.handle.level_dimensions[level]
         img = self.read(0, 0, w, h, level)
-        return img, w0 / w
+        factor = -(-max(w, h) // max_side)
+        if factor > 1:
+            img = np.asarray(Image.fromarray(img).reduce(factor))
+        return img, w0 / img.shape[1]
 
     def close(self) -> None:
         close = getattr(self.handle, "close", None)

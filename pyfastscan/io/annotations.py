@@ -1,0 +1,136 @@
+"""Annotations in level-0 pixels, their rasterisation, and heat-map contours.
+
+An :class:`Annotation` is a polygon (exterior ring plus optional holes) or a set of
+points, with a group (ASAP ``PartOfGroup``, QuPath classification) and properties. ASAP
+XML (asap.py), GeoJSON (geojson.py) and SlideRunner (sliderunner.py) read into and write
+from this one type.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+
+# Camelyon16 ground truth: tumour polygons in groups "_0" and "_1" (and "Tumor"), and
+# "_2" (also "Exclusion") for normal tissue inside them, removed from the mask.
+EXCLUSION_GROUPS = ("_2", "Exclusion", "exclusion")
+
+
+@dataclass
+class Annotation:
+    """``coords`` is (N, 2) float64 (x, y) in level-0 pixels: the exterior ring of a
+    polygon (not repeated at the end), or the points of a point annotation."""
+
+    kind: str  # "polygon" or "points"
+    coords: np.ndarray
+    group: str = ""
+    name: str = ""
+    holes: List[np.ndarray] = field(default_factory=list)
+    properties: Dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in ("polygon", "points"):
+            raise InvalidArgumentError(f"annotation kind must be 'polygon' or 'points', got {self.kind!r}")
+        self.coords = _ring(self.coords)
+        self.holes = [_ring(h) for h in self.holes]
+
+
+def _ring(c) -> np.ndarray:
+    a = np.asarray(c, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(a).all():
+        raise InvalidArgumentError("annotation coordinates must be finite")
+    return a
+
+
+def _crossings(rings: Iterable[np.ndarray], shape: Tuple[int, int], downsample: float) -> np.ndarray:
+    """Parity of even-odd crossings: (H, W) uint8, 1 where a pixel centre is inside an odd
+    number of the rings. A pixel (r, c) has its centre at ((c + 0.5) * d, (r + 0.5) * d)."""
+    h, w = shape
+    toggles = np.zeros((h, w + 1), dtype=np.int32)
+    for ring in rings:
+        if len(ring) < 3:
+            continue
+        p = ring / downsample - 0.5  # pixel-centre units: centre of (r, c) is (c, r)
+        a, b = p, np.roll(p, -1, axis=0)
+        for (x0, y0), (x1, y1) in zip(a, b):
+            if y0 == y1:
+                continue
+            lo, hi = min(y0, y1), max(y0, y1)
+            rows = np.arange(max(0, int(np.ceil(lo))), min(h, int(np.ceil(hi))))  # centres in [lo, hi)
+            if rows.size == 0:
+                continue
+            xs = x0 + (rows - y0) * (x1 - x0) / (y1 - y0)
+            cols = np.clip(np.ceil(xs), 0, w).astype(np.int64)  # first centre at or right of the edge
+            np.add.at(toggles, (rows, cols), 1)
+    return (np.cumsum(toggles, axis=1)[:, :w] & 1).astype(np.uint8)
+
+
+def rasterize(annotations: Sequence[Annotation], shape: Tuple[int, int], downsample: float = 1.0,
+              exclude_groups: Sequence[str] = EXCLUSION_GROUPS, groups: Sequence[str] = None) -> np.ndarray:
+    """Boolean mask (H, W) at ``downsample`` level-0 pixels per mask pixel: a pixel is set
+    when its centre lies inside a polygon (even-odd rule with its holes) of an included
+    group and inside no polygon of an exclusion group. ``groups`` restricts the included
+    groups (default: every group not excluded). Point annotations are ignored."""
+    if downsample <= 0:
+        raise InvalidArgumentError(f"downsample must be positive, got {downsample}")
+    polys = [a for a in annotations if a.kind == "polygon"]
+    inc = [a for a in polys if a.group not in exclude_groups and (groups is None or a.group in groups)]
+    exc = [a for a in polys if a.group in exclude_groups]
+    mask = np.zeros(shape, dtype=bool)
+    for a in inc:
+        mask |= _crossings([a.coords, *a.holes], shape, downsample).astype(bool)
+    for a in exc:
+        mask &= ~_crossings([a.coords, *a.holes], shape, downsample).astype(bool)
+    return mask
+
+
+def contours(mask: np.ndarray, stride_px: float = 1.0, origin_px: Tuple[float, float] = (0.5, 0.5),
+             group: str = "tumor", hole_group: str = "_2") -> List[Annotation]:
+    """Outlines of a boolean map along its cell edges, as polygons in level-0 pixels: the
+    outer boundary of each 4-connected region in ``group``, each hole in ``hole_group``.
+    Cell (i, j) is centred at origin + (j, i) * stride. ``rasterize`` on the same grid gives
+    the mask back exactly, except islands inside holes (the hole, drawn after, removes them)."""
+    m = np.pad(np.asarray(mask, dtype=bool), 1)
+    edges = {}
+    # directed cell edges with the inside on the left (y grows downwards): a loop per boundary
+    ys, xs = np.nonzero(m[1:-1, 1:-1])
+    for i, j in zip(ys.tolist(), xs.tolist()):
+        if not m[i, j + 1]:      # top edge, going left
+            edges[(j + 1, i)] = edges.get((j + 1, i), []) + [(j, i)]
+        if not m[i + 2, j + 1]:  # bottom edge, going right
+            edges[(j, i + 1)] = edges.get((j, i + 1), []) + [(j + 1, i + 1)]
+        if not m[i + 1, j]:      # left edge, going down
+            edges[(j, i)] = edges.get((j, i), []) + [(j, i + 1)]
+        if not m[i + 1, j + 2]:  # right edge, going up
+            edges[(j + 1, i + 1)] = edges.get((j + 1, i + 1), []) + [(j + 1, i)]
+    out = []
+    while edges:
+        start = next(iter(edges))
+        loop, cur, prev_dir = [start], start, None
+        while True:
+            nexts = edges[cur]
+            if len(nexts) > 1 and prev_dir is not None:  # a pinch point: keep the region 4-connected
+                # turn so the inside stays on the left: prefer the left turn
+                left = (prev_dir[1], -prev_dir[0])
+                nxt = next((n for n in nexts if (n[0] - cur[0], n[1] - cur[1]) == left), nexts[0])
+            else:
+                nxt = nexts[0]
+            nexts.remove(nxt)
+            if not nexts:
+                del edges[cur]
+            prev_dir = (nxt[0] - cur[0], nxt[1] - cur[1])
+            cur = nxt
+            if cur == start:
+                break
+            loop.append(cur)
+        pts = np.array(loop, dtype=np.float64)
+        before, after = pts - np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0) - pts
+        pts = pts[before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0] != 0]  # corners only
+        area2 = float(np.sum(pts[:, 0] * np.roll(pts[:, 1], -1) - np.roll(pts[:, 0], -1) * pts[:, 1]))
+        xy = np.column_stack([origin_px[0] + (pts[:, 0] - 0.5) * stride_px,
+                              origin_px[1] + (pts[:, 1] - 0.5) * stride_px])
+        # inside on the left with y down: outer rings run counter-clockwise on screen (negative area)
+        out.append(Annotation("polygon", xy, hole_group if area2 > 0 else group,
+                              name=f"contour {len(out)}"))
+    return out

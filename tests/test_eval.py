@@ -1,0 +1,178 @@
+"""Evaluation metrics: Camelyon16 FROC on hand-built slides with known answers, AUC by
+the rank formula, optimal detection matching, kappa and Spearman against scipy."""
+import numpy as np
+import pytest
+
+from pyfastscan import InvalidArgumentError
+from pyfastscan.eval import (detection_score, evaluation_mask, f1_curve, froc_curve, froc_score, itc_labels,
+                             major_axis_lengths, match, quadratic_kappa, roc_auc, slide_hits, spearman)
+
+RES = 0.243
+LEVEL = 5
+D = 2 ** LEVEL  # level-0 px per evaluation-mask pixel
+GROW = 75 / (RES * D * 2)  # 4.82 mask pixels
+
+
+def _tumour_slide():
+    """A 200 x 200 mask at level 5 with a big lesion (a 40 x 60 block) and an ITC (one pixel)."""
+    m = np.zeros((200, 200), dtype=bool)
+    m[50:90, 40:100] = True
+    m[150, 150] = True
+    return m
+
+
+def test_evaluation_mask_grows_by_75um_fills_holes_and_finds_the_itc():
+    m = _tumour_slide()
+    m[60:80, 60:80] = False  # a hole: filled after growing
+    labels = evaluation_mask(m, RES, LEVEL)
+    assert labels.max() == 2
+    big, itc = labels[70, 70], labels[150, 150]
+    assert big and itc and big != itc
+    # grown by the distance rule: row 46 is 4 px from the lesion (< 4.82), row 45 is 5 px
+    assert labels[50 - 4, 70] == big and labels[50 - 5, 70] == 0
+    assert itc_labels(labels, RES, LEVEL) == {itc}  # 275 um / (0.243 * 32) = 35.4 px major axis
+
+
+def test_major_axis_equals_skimage():
+    measure = pytest.importorskip("skimage.measure")
+    rng = np.random.default_rng(0)
+    labels = measure.label(rng.random((80, 90)) > 0.6, connectivity=2)
+    ours = major_axis_lengths(labels)
+    theirs = np.array([p.axis_major_length for p in measure.regionprops(labels)])
+    assert np.allclose(ours, theirs, rtol=1e-9, atol=1e-9)
+
+
+def _hits():
+    """Three slides: a tumour slide with a lesion hit twice, an ITC hit and a false
+    positive; a second tumour slide whose lesion is missed; a normal slide."""
+    labels = evaluation_mask(_tumour_slide(), RES, LEVEL)
+    itc = itc_labels(labels, RES, LEVEL)
+    x_in, y_in = 70 * D + 5, 60 * D + 5  # inside the big lesion
+    just_inside = (40 - 4) * D + D - 1  # column 36 (grown by 4 px), last level-0 pixel of it
+    a = slide_hits("tumor_a", [0.9, 0.6, 0.8, 0.7, 0.3], [x_in, just_inside, 150 * D, 10 * D, x_in + D],
+                   [y_in, y_in, 150 * D, 10 * D, y_in], labels, itc, LEVEL)
+    b = slide_hits("tumor_b", [0.5], [10 * D], [190 * D], labels, itc, LEVEL)
+    n = slide_hits("normal", [0.4, 0.95], [5.0, 6.0], [5.0, 6.0], None)
+    return a, b, n
+
+
+def test_slide_hits_by_hand():
+    a, b, n = _hits()
+    assert a.fp_probs == [0.7] and a.n_lesions == 1  # the ITC hit (0.8) is ignored
+    assert sorted(a.tp_probs.tolist()) == [0.0, pytest.approx(0.9)]  # lesion keeps its best; the ITC label stays 0
+    assert b.fp_probs == [0.5] and b.tp_probs.max() == 0
+    assert n.fp_probs == [0.4, 0.95] and n.n_lesions == 0
+    # a detection just outside the grown boundary is a false positive
+    labels = evaluation_mask(_tumour_slide(), RES, LEVEL)
+    out = slide_hits("x", [0.5], [(40 - 5) * D + D - 1], [60 * D], labels, set(), LEVEL)
+    assert out.fp_probs == [0.5]
+
+
+def test_froc_curve_and_score_by_hand():
+    """FPs: 0.7, 0.5, 0.4, 0.95 over 3 slides; lesion probabilities 0.9 (a) and 0 (b, missed),
+    plus the ITC labels' zeros; 2 lesions. Thresholds: distinct values but the smallest (0)."""
+    fps, sens = froc_curve(list(_hits()))
+    thresholds = [0.4, 0.5, 0.7, 0.9, 0.95]  # sorted({0, 0.4, 0.5, 0.7, 0.9, 0.95})[1:]
+    exp_fp = [4 / 3, 3 / 3, 2 / 3, 1 / 3, 1 / 3, 0]  # FPs >= t per slide; then the (0, 0) point
+    exp_sens = [0.5, 0.5, 0.5, 0.5, 0.0, 0]  # lesion a (0.9) >= t, of 2 lesions
+    assert len(fps) == len(thresholds) + 1
+    assert np.allclose(fps, exp_fp) and np.allclose(sens, exp_sens)
+    # linear: np.interp over the curve sorted by FPs; step: best sensitivity with FPs <= rate
+    score, at = froc_score(fps, sens, reading="linear")
+    expected_at = np.interp([0.25, 0.5, 1, 2, 4, 8], np.array(exp_fp)[::-1], np.array(exp_sens)[::-1])
+    assert np.allclose(at, expected_at) and score == pytest.approx(expected_at.mean())
+    step, at_step = froc_score(fps, sens, reading="step")
+    assert np.allclose(at_step, [0.0, 0.5, 0.5, 0.5, 0.5, 0.5]) and step == pytest.approx(2.5 / 6)
+
+
+def test_froc_float32_lesion_probabilities_follow_the_script():
+    """The script stores lesion probabilities in float32 and compares the lesions' array
+    with the threshold cast to float32: a false positive at 0.3 (float64) and a lesion at
+    0.3 (float32 0.30000001) are distinct thresholds, and the lesion counts at both."""
+    labels = np.zeros((4, 4), dtype=np.int32)
+    labels[1:3, 1:3] = 1
+    s = slide_hits("t", [0.3, 0.3, 0.1], [1.5 * D, 0.0, 0.0], [1.5 * D, 0.0, 0.0], labels, set(), LEVEL)
+    fps, sens = froc_curve([s])
+    # thresholds: sorted({0.1, 0.3, float32(0.3)})[1:] = [0.3, 0.30000001]
+    assert np.allclose(fps, [1.0, 0.0, 0.0]) and np.allclose(sens, [1.0, 1.0, 0.0])
+
+
+def test_froc_errors():
+    with pytest.raises(InvalidArgumentError):
+        froc_curve([slide_hits("n", [0.5], [1], [1], None)])  # no lesions at all
+    with pytest.raises(InvalidArgumentError, match="reading"):
+        froc_score([0], [0], reading="cubic")
+
+
+def test_auc_rank_formula_and_ties():
+    y = [1, 1, 0, 0, 1, 0]
+    s = [0.9, 0.5, 0.5, 0.1, 0.7, 0.3]
+    # pairs (pos, neg): 9 pairs; wins: 0.9 beats 3, 0.7 beats 3, 0.5 beats 2 and ties 1 -> 8.5 / 9
+    assert roc_auc(y, s) == pytest.approx(8.5 / 9)
+    assert roc_auc([1, 0], [0.2, 0.2]) == 0.5
+    with pytest.raises(InvalidArgumentError):
+        roc_auc([1, 1], [0.1, 0.2])
+
+
+def test_matching_beats_greedy_on_crossing_candidates():
+    """Detection A is nearest to truth 1 but is the only one that can reach truth 0 ...
+    greedy (nearest first) matches A-1 and leaves B and truth 0 unmatched."""
+    truths = np.array([[0.0, 0.0], [10.0, 0.0]])
+    dets = np.array([[6.0, 0.0],    # A: 6 from truth 0, 4 from truth 1
+                     [14.0, 0.0]])  # B: 4 from truth 1 only (14 from truth 0)
+    s = detection_score(dets, truths, radius=7.0)
+    assert s.tp == 2 and s.fp == 0 and s.fn == 0 and s.f1 == 1.0
+    assert sorted(map(tuple, s.pairs.tolist())) == [(0, 0), (1, 1)]
+    # one-to-one: two detections on one truth give one TP and one FP
+    s = detection_score([[0, 0], [1, 1]], [[0.5, 0.5]], radius=5)
+    assert (s.tp, s.fp, s.fn) == (1, 1, 0)
+    # the radius is inclusive
+    assert detection_score([[3, 4]], [[0, 0]], radius=5).tp == 1
+
+
+def test_matching_equals_brute_force_on_random_points():
+    """Maximum cardinality with the least total distance, checked against exhaustive search."""
+    from itertools import permutations
+
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        d, t = rng.random((5, 2)) * 30, rng.random((4, 2)) * 30
+        pairs = match(d, t, radius=9.0)
+        dist = np.hypot(*(d[:, None] - t[None]).transpose(2, 0, 1))
+        best = (0, 0.0)
+        for perm in permutations(range(5), 4):  # truth k paired with detection perm[k] when close enough
+            ok = [(perm[k], k) for k in range(4) if dist[perm[k], k] <= 9.0]
+            cand = (len(ok), -sum(dist[i, j] for i, j in ok))
+            best = max(best, cand)
+        assert len(pairs) == best[0]
+        assert -sum(dist[i, j] for i, j in pairs) == pytest.approx(best[1])
+
+
+def test_f1_curve_picks_the_best_threshold():
+    truths = [[0, 0], [100, 0]]
+    dets = [[1, 0], [101, 0], [500, 500]]
+    probs = [0.9, 0.6, 0.8]
+    th, f1, best_t, best = f1_curve(dets, probs, truths, radius=25)
+    assert th.tolist() == [0.6, 0.8, 0.9]
+    # >= 0.6: 2 TP 1 FP -> 0.8; >= 0.8: 1 TP 1 FP 1 FN -> 0.5; >= 0.9: 1 TP 1 FN -> 2/3
+    assert np.allclose(f1, [0.8, 0.5, 2 / 3]) and best_t == 0.6 and best == pytest.approx(0.8)
+
+
+def test_kappa_by_its_definition_and_spearman_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(2)
+    a = rng.integers(1, 4, 50)
+    b = np.clip(a + rng.integers(-1, 2, 50), 1, 3)
+    # quadratic kappa by its definition with explicit loops
+    k = 3
+    o = np.zeros((k, k))
+    for i, j in zip(a - 1, b - 1):
+        o[i, j] += 1
+    e = np.outer(o.sum(1), o.sum(0)) / len(a)
+    w = np.array([[(i - j) ** 2 / (k - 1) ** 2 for j in range(k)] for i in range(k)])
+    assert quadratic_kappa(a, b) == pytest.approx(1 - (w * o).sum() / (w * e).sum())
+    assert quadratic_kappa(a, a) == 1.0
+    x, y = rng.random(40), rng.random(40)
+    y[:10] = x[:10]
+    x[20:25] = 0.5  # ties
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic)
