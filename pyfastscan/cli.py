@@ -1,4 +1,4 @@
-"""Command line: `pyfastscan info`, `pyfastscan demo`, `pyfastscan scan`."""
+"""Command line: `pyfastscan info`, `pyfastscan demo`, `pyfastscan scan`, `pyfastscan evaluate`."""
 import argparse
 import json
 import os
@@ -104,6 +104,9 @@ def main(argv=None) -> int:
                            "until the outputs are written)")
     scan.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     scan.add_argument("--quiet", action="store_true", help="no progress line")
+    from .eval.cli import add_parsers
+
+    add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         from .backends import build_info, format_build_info
@@ -117,6 +120,10 @@ def main(argv=None) -> int:
         return demo.main()
     if args.command == "scan":
         return _scan(args)
+    if args.command == "evaluate":
+        from .eval.cli import main as evaluate
+
+        return evaluate(args)
     return 2
 
 

@@ -176,3 +176,75 @@ def test_kappa_by_its_definition_and_spearman_against_scipy():
     y[:10] = x[:10]
     x[20:25] = 0.5  # ties
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic)
+
+
+def _scan_folder(root, name, rows, size, score):
+    """A scan's output folder: detections.csv (probability,x,y) and report.json."""
+    import json
+    import os
+
+    os.makedirs(root / name)
+    (root / name / "detections.csv").write_text("".join(f"{p},{x},{y}\n" for p, x, y in rows))
+    (root / name / "report.json").write_text(json.dumps({"slide_size_px": list(size), "score": score}))
+
+
+def test_cli_froc_and_auc_on_scan_outputs(tmp_path, capsys):
+    """Two tumour slides (ASAP XML ground truth) and a normal one, predictions as scan
+    outputs: the CLI's FROC equals the API's on the same masks; AUC from report scores."""
+    import json
+
+    from pyfastscan.cli import main
+    from pyfastscan.io import Annotation, rasterize, write_asap_xml
+
+    size = (6400, 6400)  # level 5: 200 x 200
+    lesion = Annotation("polygon", [[1280, 1600], [3200, 1600], [3200, 2880], [1280, 2880]], "_0")
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    write_asap_xml(gt / "tumor_001.xml", [lesion])
+    write_asap_xml(gt / "tumor_002.xml", [lesion])
+    _scan_folder(pred, "tumor_001", [(0.9, 2000, 2000), (0.7, 100, 100), (0.3, 2100, 2000)], size, 0.95)
+    _scan_folder(pred, "tumor_002", [(0.6, 6000, 6000)], size, 0.6)
+    _scan_folder(pred, "normal_001", [(0.8, 50, 50), (0.2, 70, 70)], size, 0.8)
+    out = tmp_path / "res" / "froc.json"
+    out.parent.mkdir()
+    assert main(["evaluate", "froc", "--pred", str(pred), "--gt", str(gt), "--json", str(out)]) == 0
+    res = json.load(open(out))
+    assert (tmp_path / "res" / "froc.png").stat().st_size > 1000
+    mask = rasterize([lesion], (200, 200), 32.0)
+    labels = evaluation_mask(mask)
+    hits = [slide_hits("normal_001", [0.8, 0.2], [50, 70], [50, 70], None),
+            slide_hits("tumor_001", [0.9, 0.7, 0.3], [2000, 100, 2100], [2000, 100, 2000], labels,
+                       itc_labels(labels)),
+            slide_hits("tumor_002", [0.6], [6000], [6000], labels, itc_labels(labels))]
+    fps, sens = froc_curve(hits)
+    assert res["curve"]["fps_per_slide"] == fps.tolist() and res["curve"]["sensitivity"] == sens.tolist()
+    assert res["froc"] == pytest.approx(froc_score(fps, sens)[0])
+    # by hand: FPs 0.7, 0.6, 0.8, 0.2 over 3 slides; lesions 0.9 and 0 (missed), 2 lesions
+    # thresholds sorted({0, 0.2, 0.6, 0.7, 0.8, 0.9})[1:]: FPs/slide 4/3, 3/3, 2/3, 1/3, 0;
+    # sensitivity 1/2 at each; then (0, 0). The detection at 0.3 on the lesion is not its best.
+    assert np.allclose(fps, [4 / 3, 1, 2 / 3, 1 / 3, 0, 0]) and np.allclose(sens, [0.5] * 5 + [0])
+    assert [s["hit"] for s in res["slides"]] == [0, 1, 0]
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("name,label\ntumor_001,Tumor\ntumor_002,Tumor\nnormal_001,Normal\n")
+    assert main(["evaluate", "auc", "--pred", str(pred), "--labels", str(labels_csv)]) == 0
+    assert "slide-level AUC: 0.5000" in capsys.readouterr().out  # 0.95 > 0.8 > 0.6: one of two pairs won
+
+
+def test_cli_f1_and_bad_input(tmp_path, capsys):
+    from pyfastscan.cli import main
+    from pyfastscan.io import Annotation, write_geojson
+
+    (tmp_path / "det.csv").write_text("x,y,probability\n0,0,0.9\n100,0,0.6\n500,500,0.8\n")
+    write_geojson(tmp_path / "gt.geojson", [Annotation("points", [[10, 0], [100, 20]], "Mitosis")])
+    assert main(["evaluate", "f1", "--pred", str(tmp_path / "det.csv"), "--gt", str(tmp_path / "gt.geojson")]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 | 2 | 2 | 1 | 0 |" in out and "best F1 0.8000 at probability >= 0.6" in out
+    # a radius in um: 5 um at 0.25 um/px is 20 px; the second truth (20.0 px away) still matches
+    assert main(["evaluate", "f1", "--pred", str(tmp_path / "det.csv"), "--gt", str(tmp_path / "gt.geojson"),
+                 "--radius-um", "5", "--mpp", "0.25"]) == 0
+    assert "| 2 | 1 | 0 |" in capsys.readouterr().out
+    (tmp_path / "bad.csv").write_text("0.5,1,2\n0.4,x,3\n")
+    assert main(["evaluate", "f1", "--pred", str(tmp_path / "bad.csv"), "--gt", str(tmp_path / "gt.geojson")]) == 2
+    assert "bad.csv: line 2: 'x' is not a number" in capsys.readouterr().err
+    assert main(["evaluate", "froc", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)]) == 2
+    assert "nope: no such folder" in capsys.readouterr().err
