@@ -16,6 +16,8 @@ from pyfastscan.pipeline import postprocess
 from pyfastscan.samples import skin_slide_path
 
 SVS = skin_slide_path()
+OUTPUTS = ["detections.csv", "detections.geojson", "detections.xml", "heatmap.tif", "heatmap_contours.xml",
+           "overlay.png", "report.json"]
 
 
 class ArraySlide:
@@ -88,14 +90,26 @@ def test_outputs_open_in_openslide(tmp_path):
     img = np.tile(_image(), (4, 4, 1))  # a map larger than one 256 px tile in one level
     res = scan_slide(ArraySlide(img), _model(torch.float32), alpha=4, progress=False)
     paths = res.save(str(tmp_path / "out"), command="test")
-    assert sorted(os.listdir(tmp_path / "out")) == ["detections.csv", "detections.geojson", "heatmap.tif",
-                                                     "overlay.png", "report.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == OUTPUTS
     with openslide.OpenSlide(paths["heatmap"]) as hm:
         assert hm.dimensions == (res.heatmap.shape[1], res.heatmap.shape[0])
         assert float(hm.properties["openslide.mpp-x"]) == pytest.approx(res.stride_px * 0.5, rel=1e-4)
         region = np.asarray(hm.read_region((0, 0), 0, hm.dimensions))[..., 0]
         assert np.array_equal(region, np.clip(np.rint(res.heatmap * 255), 0, 255).astype(np.uint8))
         assert hm.level_count >= 2
+    # the contours, read back and drawn on the map's grid, are the thresholded map
+    from pyfastscan.io import rasterize, read_asap_xml
+    from test_io import ndimage_islands
+
+    outline, _ = read_asap_xml(paths["contours_xml"])
+    shift = np.array(res.origin_px) - res.stride_px / 2  # rasterize centres pixel (i, j) at (j + 0.5, i + 0.5) * d
+    for a in outline:
+        a.coords = a.coords - shift
+    above = res.heatmap > 0.5
+    assert above.any() and not above.all()
+    assert np.array_equal(rasterize(outline, res.heatmap.shape, res.stride_px), above & ~ndimage_islands(above))
+    dots, _ = read_asap_xml(paths["detections_xml"])
+    assert [tuple(d.coords[0]) for d in dots] == [(d.x, d.y) for d in res.detections]
     rows = list(csv.reader(open(paths["detections_csv"])))
     assert len(rows) == len(res.detections) and all(len(r) == 3 for r in rows)
     geo = json.load(open(paths["detections_geojson"]))
@@ -273,6 +287,5 @@ def test_demo_builds_a_real_pyramidal_slide_and_scans_it(tmp_path):
         assert float(s.properties["openslide.mpp-x"]) == pytest.approx(mpp, rel=1e-3)
     assert len(boxes) == 4
     w = demo.whole_slide(str(tmp_path / "run"))
-    assert sorted(os.listdir(tmp_path / "run" / "scan")) == ["detections.csv", "detections.geojson", "heatmap.tif",
-                                                             "overlay.png", "report.json"]
+    assert sorted(os.listdir(tmp_path / "run" / "scan")) == OUTPUTS
     assert 0 <= w["found"] <= 4 and w["false_positives"] >= 0

@@ -7,6 +7,9 @@ os.replace), so an interrupted run never leaves a half-written output behind.
     overlay.png         thumbnail with the map in colour and the tissue outline
     detections.csv      Camelyon16 submission format: probability,x,y (level 0), no header
     detections.geojson  the same points as a FeatureCollection (QuPath imports it)
+    detections.xml      the same points as ASAP XML dots
+    heatmap_contours.xml  outlines of the map above the detection threshold, ASAP XML
+                        polygons (holes in group "_2"), level-0 pixels
     report.json         score, geometry, ROI counts, tissue area, timings, versions, command
 """
 import os
@@ -17,7 +20,10 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..io.files import atomic_write
+from ..io.annotations import contours
+from ..io.asap import detections_to_annotations, write_asap_xml
 from ..io.files import prepare_folder, write_json
+from ..io.geojson import write_geojson
 
 
 def _halve(a: np.ndarray) -> np.ndarray:
@@ -113,11 +119,11 @@ def save_result(result, folder: str, command: Optional[str] = None) -> Dict[str,
                 f.write(f"{d.probability:.6f},{d.x:.1f},{d.y:.1f}\n")
 
     paths["detections_csv"] = atomic_write(os.path.join(folder, "detections.csv"), csv)
-    geo = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [d.x, d.y]},
-         "properties": {"objectType": "annotation", "name": f"p={d.probability:.3f}",
-                        "classification": {"name": "Tumor"}, "probability": d.probability}} for d in dets]}
-    paths["detections_geojson"] = write_json(os.path.join(folder, "detections.geojson"), geo)
+    points = detections_to_annotations(dets, "Tumor")
+    paths["detections_geojson"] = write_geojson(os.path.join(folder, "detections.geojson"), points)
+    paths["detections_xml"] = write_asap_xml(os.path.join(folder, "detections.xml"), points)
+    outline = contours(result.heatmap > result.threshold, result.stride_px, result.origin_px, group="Tumor")
+    paths["contours_xml"] = write_asap_xml(os.path.join(folder, "heatmap_contours.xml"), outline)
     import torch
 
     report = {

@@ -60,10 +60,12 @@ class ScanResult:
     thumbnail: Optional[np.ndarray] = field(default=None, repr=False)
     thumbnail_downsample: float = 1.0
     n_rois_resumed: int = 0
+    threshold: float = 0.5
 
     def save(self, folder, command: Optional[str] = None) -> Dict[str, str]:
-        """Write heatmap.tif, overlay.png, detections.csv, detections.geojson and report.json
-        into ``folder`` (created), each atomically. Returns name -> path."""
+        """Write heatmap.tif, overlay.png, detections.csv / .geojson / .xml,
+        heatmap_contours.xml and report.json into ``folder`` (created), each atomically
+        (see pipeline/outputs.py). Returns name -> path."""
         from .outputs import save_result
 
         return save_result(self, folder, command)
@@ -293,7 +295,7 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
         return ScanResult(heat, stride_px, origin, detections, float(heat.max()), s.name, s.mpp, scan_mpp, (w0, h0),
                           dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, plan=dense.plan,
                                precision=dense.precision, roi_outputs=L), tissue, len(rois), n_total, timings,
-                          thumb, thumb_ds, n_resumed)
+                          thumb, thumb_ds, n_resumed, threshold)
 
 
 def _plan_rois(g, n_rows: int, n_cols: int, L: int, tissue: TissueMask, scan_ds: float):
