@@ -152,6 +152,130 @@ def _scan_key(s: Slide, dense: DenseModel, scan_mpp: float, L: int, positive_cla
                 weights=weights_digest(dense))
 
 
+@dataclass
+class ScanJob:
+    """A slide opened and planned for dense scanning: what both the heat-map scan and the
+    mitosis job share. Built by :func:`open_scan`; ``rois`` are the tissue ROIs in
+    row-major order (see :func:`_plan_rois`)."""
+
+    slide: Slide
+    dense: DenseModel
+    scan_mpp: float
+    scan_ds: float
+    n_rows: int
+    n_cols: int
+    roi_outputs: int
+    tissue: TissueMask
+    thumbnail: np.ndarray
+    thumbnail_downsample: float
+    rois: list
+    n_total: int
+    level: int
+    timings: Dict[str, float]
+    t0: float
+
+    @property
+    def stride_px(self) -> float:
+        """Level-0 pixels between neighbouring map cells."""
+        return self.dense.geometry.step * self.scan_ds
+
+    @property
+    def origin_px(self) -> Tuple[float, float]:
+        """Level-0 centre of map cell (0, 0)."""
+        c = self.dense.geometry.patch / 2 * self.scan_ds
+        return (c, c)
+
+    def geometry_info(self) -> dict:
+        g = self.dense.geometry
+        return dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, plan=self.dense.plan,
+                    precision=self.dense.precision, roi_outputs=self.roi_outputs)
+
+
+def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: int, mpp: Optional[float], device,
+              precision: str, plan: str, tissue_mask, tissue_labels, roi_outputs, memory: Optional[int],
+              workers: int) -> ScanJob:
+    """Open ``slide`` (closed by ``stack`` if opened here), make the dense model, find the
+    tissue and plan the ROIs. Arguments as :func:`scan_slide`."""
+    timings = {"open": 0.0, "tissue": 0.0, "read_wait": 0.0, "infer": 0.0, "postprocess": 0.0}
+    t0 = time.perf_counter()
+    opened = not isinstance(slide, Slide)
+    s = open_slide(slide, default_mpp=mpp) if opened else slide
+    if opened:
+        stack.callback(s.close)
+    if roi_outputs != "auto":
+        _positive_int("roi_outputs", roi_outputs)
+    _positive_int("workers", workers)
+    scan_mpp = float(mpp) if mpp is not None else s.mpp
+    scan_ds = scan_mpp / s.mpp
+    if scan_ds < 0.999:
+        raise InvalidArgumentError(f"{s.name}: cannot scan at {scan_mpp} um/px, finer than level 0 ({s.mpp} um/px)")
+    dense = model if isinstance(model, DenseModel) else to_dense(model.eval(), alpha, plan=plan, precision=precision)
+    dense = dense.to(device)
+    g = dense.geometry
+    if roi_outputs == "auto":
+        roi_outputs = choose_roi_outputs(dense, memory if memory is not None else memory_budget(device), workers)
+    w0, h0 = s.dimensions
+    scan_w, scan_h = int(w0 / scan_ds), int(h0 / scan_ds)
+    n_rows, n_cols = g.output_side(scan_h), g.output_side(scan_w)
+    if n_rows == 0 or n_cols == 0:
+        raise InvalidArgumentError(f"{s.name}: {scan_w} x {scan_h} px at {scan_mpp} um/px is smaller than one "
+                                   f"patch ({g.patch} px)")
+    timings["open"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    thumb, thumb_ds = s.thumbnail()
+    if tissue_mask is None:
+        tissue = otsu_tissue_mask(thumb, thumb_ds)
+    elif isinstance(tissue_mask, TissueMask):
+        tissue = tissue_mask
+    else:
+        tissue = user_tissue_mask(tissue_mask, w0, tissue_labels)
+    timings["tissue"] = time.perf_counter() - t
+    rois, n_total = _plan_rois(g, n_rows, n_cols, roi_outputs, tissue, scan_ds)
+    return ScanJob(s, dense, scan_mpp, scan_ds, n_rows, n_cols, roi_outputs, tissue, thumb, thumb_ds, rois, n_total,
+                   s.best_level(scan_ds), timings, t0)
+
+
+def infer_rois(job: ScanJob, todo: list, *, device, positive_class: int, workers: int, label: str, progress: bool):
+    """Yield (roi, probability block) for each ROI of ``todo`` in order: ROIs are read by
+    ``workers`` background threads (at most workers + 1 ahead) while the model runs;
+    read waits and inference time go into job.timings."""
+    dense, s, timings = job.dense, job.slide, job.timings
+    level_ds = s.handle.level_downsamples[job.level]
+
+    def read(roi):
+        _, _, _, _, x, y, wi, hi = roi
+        return _read_scan_region(s, x, y, wi, hi, job.scan_ds, job.level, level_ds)
+
+    softmax = not (len(dense.layers) and isinstance(dense.layers[-1], nn.Softmax))
+    param = next(dense.parameters(), None)
+    in_dtype = torch.float32 if param is None or dense.precision == "bf16" else param.dtype
+    bar = _Progress(len(todo), label, progress)
+    with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
+        pending = deque()
+        it = iter(todo)
+        for roi in (next(it, None) for _ in range(workers + 1)):
+            if roi is not None:
+                pending.append((roi, pool.submit(read, roi)))
+        done = 0
+        while pending:
+            roi, fut = pending.popleft()
+            t = time.perf_counter()
+            rgb = fut.result()
+            timings["read_wait"] += time.perf_counter() - t
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(read, nxt)))
+            t = time.perf_counter()
+            x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None].to(in_dtype).div_(255)
+            out = dense(x)
+            block = (F.softmax(out, dim=1) if softmax else out)[0, positive_class].float().cpu().numpy()
+            timings["infer"] += time.perf_counter() - t
+            yield roi, block
+            done += 1
+            bar.update(done)
+
+
 def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] = None, device="cpu",
                precision: str = "fp32", plan: str = "minimal", tissue_mask=None, tissue_labels=None,
                roi_outputs="auto", memory: Optional[int] = None, positive_class: int = 1,
@@ -182,56 +306,20 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
             parameters (checked). Without resume, the checkpoint starts empty.
         progress: a progress line on stderr.
     """
-    timings = {"open": 0.0, "tissue": 0.0, "read_wait": 0.0, "infer": 0.0, "postprocess": 0.0}
-    t0 = time.perf_counter()
-    opened = not isinstance(slide, Slide)
-    s = open_slide(slide, default_mpp=mpp) if opened else slide
+    if not 0 <= threshold < 1:
+        raise InvalidArgumentError(f"threshold must be in [0, 1), got {threshold!r}")
     with contextlib.ExitStack() as stack:
-        if opened:
-            stack.callback(s.close)
-        if roi_outputs != "auto":
-            _positive_int("roi_outputs", roi_outputs)
-        _positive_int("workers", workers)
-        if not 0 <= threshold < 1:
-            raise InvalidArgumentError(f"threshold must be in [0, 1), got {threshold!r}")
-        scan_mpp = float(mpp) if mpp is not None else s.mpp
-        scan_ds = scan_mpp / s.mpp
-        if scan_ds < 0.999:
-            raise InvalidArgumentError(f"{s.name}: cannot scan at {scan_mpp} um/px, finer than level 0 "
-                                       f"({s.mpp} um/px)")
-        dense = model if isinstance(model, DenseModel) else to_dense(model.eval(), alpha, plan=plan, precision=precision)
-        dense = dense.to(device)
-        g = dense.geometry
-        if roi_outputs == "auto":
-            roi_outputs = choose_roi_outputs(dense, memory if memory is not None else memory_budget(device), workers)
-        w0, h0 = s.dimensions
-        scan_w, scan_h = int(w0 / scan_ds), int(h0 / scan_ds)
-        n_rows, n_cols = g.output_side(scan_h), g.output_side(scan_w)
-        if n_rows == 0 or n_cols == 0:
-            raise InvalidArgumentError(f"{s.name}: {scan_w} x {scan_h} px at {scan_mpp} um/px is smaller than one "
-                                       f"patch ({g.patch} px)")
-        timings["open"] = time.perf_counter() - t0
-
-        t = time.perf_counter()
-        thumb, thumb_ds = s.thumbnail()
-        if tissue_mask is None:
-            tissue = otsu_tissue_mask(thumb, thumb_ds)
-        elif isinstance(tissue_mask, TissueMask):
-            tissue = tissue_mask
-        else:
-            tissue = user_tissue_mask(tissue_mask, w0, tissue_labels)
-        timings["tissue"] = time.perf_counter() - t
-
-        level = s.best_level(scan_ds)
-        level_ds = s.handle.level_downsamples[level]
-        L = roi_outputs
-        rois, n_total = _plan_rois(g, n_rows, n_cols, L, tissue, scan_ds)
-        heat = np.zeros((n_rows, n_cols), dtype=np.float32)  # pages never written stay unallocated
+        job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
+                        tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,
+                        memory=memory, workers=workers)
+        s, rois, timings = job.slide, job.rois, job.timings
+        heat = np.zeros((job.n_rows, job.n_cols), dtype=np.float32)  # pages never written stay unallocated
         log = None
         if checkpoint is not None:
             from .checkpoint import RoiLog
 
-            log = RoiLog(os.fspath(checkpoint), _scan_key(s, dense, scan_mpp, L, positive_class), resume)
+            log = RoiLog(os.fspath(checkpoint), _scan_key(s, job.dense, job.scan_mpp, job.roi_outputs, positive_class),
+                         resume)
             stack.callback(log.close)
             log.restore(heat)
             finished = log.done()
@@ -241,61 +329,28 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
         else:
             todo = rois
         n_resumed = len(rois) - len(todo)
-
-        def read(roi):
-            _, _, _, _, x, y, wi, hi = roi
-            return _read_scan_region(s, x, y, wi, hi, scan_ds, level, level_ds)
-
-        softmax = not (len(dense.layers) and isinstance(dense.layers[-1], nn.Softmax))
-        param = next(dense.parameters(), None)
-        in_dtype = torch.float32 if param is None or precision == "bf16" else param.dtype
-        bar = _Progress(len(todo), f"scan {s.name}" + (f" (resuming: {n_resumed} ROIs done before)"
-                                                        if n_resumed else ""), progress)
-        with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
-            pending = deque()
-            it = iter(todo)
-            for roi in (next(it, None) for _ in range(workers + 1)):
-                if roi is not None:
-                    pending.append((roi, pool.submit(read, roi)))
-            done = 0
-            while pending:
-                roi, fut = pending.popleft()
-                t = time.perf_counter()
-                rgb = fut.result()
-                timings["read_wait"] += time.perf_counter() - t
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(read, nxt)))
-                t = time.perf_counter()
-                x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None].to(in_dtype).div_(255)
-                out = dense(x)
-                prob = (F.softmax(out, dim=1) if softmax else out)[0, positive_class]
-                r0, c0, rows, cols = roi[:4]
-                block = prob.float().cpu().numpy()
-                heat[r0:r0 + rows, c0:c0 + cols] = block
-                timings["infer"] += time.perf_counter() - t
-                if log is not None:
-                    log.append(r0, c0, block)
-                done += 1
-                bar.update(done)
+        label = f"scan {s.name}" + (f" (resuming: {n_resumed} ROIs done before)" if n_resumed else "")
+        for (r0, c0, rows, cols, *_), block in infer_rois(job, todo, device=device, positive_class=positive_class,
+                                                          workers=workers, label=label, progress=progress):
+            heat[r0:r0 + rows, c0:c0 + cols] = block
+            if log is not None:
+                log.append(r0, c0, block)
 
         t = time.perf_counter()
-        stride_px = g.step * scan_ds
-        origin = (g.patch / 2 * scan_ds, g.patch / 2 * scan_ds)
+        stride_px, origin = job.stride_px, job.origin_px
         detections = []
         if rois:  # outside the tissue ROIs' bounding box (+2 zero cells) the map is 0: no detections
             r0 = max(0, min(r[0] for r in rois) - 2)
             c0 = max(0, min(r[1] for r in rois) - 2)
-            r1 = min(n_rows, max(r[0] + r[2] for r in rois) + 2)
-            c1 = min(n_cols, max(r[1] + r[3] for r in rois) + 2)
+            r1 = min(job.n_rows, max(r[0] + r[2] for r in rois) + 2)
+            c1 = min(job.n_cols, max(r[1] + r[3] for r in rois) + 2)
             detections = postprocess(heat[r0:r1, c0:c1], stride_px,
                                      (origin[0] + c0 * stride_px, origin[1] + r0 * stride_px), threshold)
         timings["postprocess"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t0
-        return ScanResult(heat, stride_px, origin, detections, float(heat.max()), s.name, s.mpp, scan_mpp, (w0, h0),
-                          dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, plan=dense.plan,
-                               precision=dense.precision, roi_outputs=L), tissue, len(rois), n_total, timings,
-                          thumb, thumb_ds, n_resumed, threshold)
+        timings["total"] = time.perf_counter() - job.t0
+        return ScanResult(heat, stride_px, origin, detections, float(heat.max()), s.name, s.mpp, job.scan_mpp,
+                          s.dimensions, job.geometry_info(), job.tissue, len(rois), job.n_total, timings,
+                          job.thumbnail, job.thumbnail_downsample, n_resumed, threshold)
 
 
 def _plan_rois(g, n_rows: int, n_cols: int, L: int, tissue: TissueMask, scan_ds: float):
