@@ -10,10 +10,13 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
+#include <algorithm>
 
 #include "cpu/anchor_cpu.h"
 #include "cpu/stain_cpu.h"
 #include "cpu/hotspot_cpu.h"
+#include "cpu/candidates_cpu.h"
 #include "hed.h"
 
 #ifdef _OPENMP
@@ -152,6 +155,22 @@ void hotspot_rows(py::array_t<double, py::array::c_style> xs, py::array_t<double
   hotspot_rows_cpu(xp, yp, d, step, n_cols, row0, row1, w, op);
 }
 
+py::array_t<int64_t> mitosis_candidates(py::array_t<uint16_t, py::array::c_style> intensity, double below, double r2) {
+  require(intensity.ndim() == 2, "intensity must be 2-D");
+  require(r2 >= 0, "r2 must be non-negative");
+  const int64_t h = intensity.shape(0), w = intensity.shape(1);
+  const uint16_t* p = intensity.data();
+  for (int64_t i = 0; i < h * w; ++i) require(p[i] <= 765, "intensity must be R + G + B of uint8 (at most 765)");
+  std::vector<int64_t> picked;
+  {
+    py::gil_scoped_release nogil;
+    picked = candidates_cpu(p, h, w, below, r2);
+  }
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(picked.size()));
+  std::copy(picked.begin(), picked.end(), out.mutable_data());
+  return out;
+}
+
 py::dict build_info() {
   py::dict d;
 #if defined(__clang__)
@@ -184,6 +203,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("hed_augment_u8", &hed_augment_u8, py::arg("x"), py::arg("out"), py::arg("tables"), py::arg("interleaved"));
   m.def("hed_augment_float", &hed_augment_float, py::arg("x"), py::arg("out"), py::arg("m"), py::arg("k"),
         py::arg("interleaved"));
+  m.def("mitosis_candidates", &mitosis_candidates, py::arg("intensity"), py::arg("below"), py::arg("r2"),
+        "Tellez candidate detector: raster indices of the picked pixels (csrc/cpu/candidates_cpu.h)");
   m.def("hotspot_rows", &hotspot_rows, py::arg("xs"), py::arg("ys"), py::arg("step"), py::arg("n_cols"),
         py::arg("row0"), py::arg("row1"), py::arg("circle"), py::arg("r2"), py::arg("half_w"), py::arg("half_h"),
         py::arg("out"));

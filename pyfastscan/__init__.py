@@ -12,7 +12,9 @@ from .dense import DenseModel, Geometry, geometry, to_dense  # noqa: E402
 from .errors import BackendUnavailableError, InvalidArgumentError, PyfastscanError  # noqa: E402
 from .pipeline import ScanResult, scan_slide  # noqa: E402
 from .slide import SlideError, open_slide  # noqa: E402
+from . import mitosis  # noqa: E402
+from .mitosis import MitosisResult, detect_mitoses  # noqa: E402
 from .weights import WeightsError, load_weights  # noqa: E402
 
 __all__ = ["build_info", "nn", "ops", "to_dense", "geometry", "Geometry", "DenseModel", "load_weights", "WeightsError", "PyfastscanError", "InvalidArgumentError", "BackendUnavailableError",
-           "scan_slide", "ScanResult", "open_slide", "SlideError", "__version__"]
+           "scan_slide", "ScanResult", "open_slide", "SlideError", "mitosis", "detect_mitoses", "MitosisResult", "__version__"]

@@ -1,4 +1,4 @@
-"""Command line: `pyfastscan info`, `pyfastscan demo`, `pyfastscan scan`, `pyfastscan evaluate`."""
+"""Command line: `pyfastscan info`, `demo`, `scan`, `mitosis`, `evaluate`."""
 import argparse
 import json
 import os
@@ -13,39 +13,56 @@ def _roi_outputs(v: str):
     return v if v == "auto" else int(v)
 
 
-def _scan_one(path, out, model, args, command):
+def _common(args) -> dict:
+    """scan_slide / detect_mitoses keyword arguments both jobs take from the command line."""
+    return dict(alpha=args.alpha, mpp=args.mpp, device=args.device, precision=args.precision,
+                roi_outputs=args.roi_outputs, memory=args.memory_mib << 20 if args.memory_mib else None,
+                progress=not args.quiet)
+
+
+def _scan_one(slide, out, model, args, command):
     """Scan one slide into ``out``; the checkpoint lives there until the outputs are written."""
-    from . import open_slide, scan_slide
-    from .io.files import prepare_folder
+    from . import scan_slide
 
     ckpt = os.path.join(out, CHECKPOINT)
-    slide = open_slide(path, default_mpp=args.mpp)  # a bad slide fails before any folder is made
-    try:
-        prepare_folder(out)  # an unwritable folder fails before the scan, not after it
-        res = scan_slide(slide, model, alpha=args.alpha, mpp=args.mpp, device=args.device, precision=args.precision,
-                         roi_outputs=args.roi_outputs, memory=args.memory_mib << 20 if args.memory_mib else None,
-                         checkpoint=ckpt, resume=args.resume and os.path.exists(ckpt), progress=not args.quiet)
-        paths = res.save(out, command=command)
-    finally:
-        slide.close()
+    res = scan_slide(slide, model, checkpoint=ckpt, resume=args.resume and os.path.exists(ckpt), **_common(args))
+    paths = res.save(out, command=command)
     os.remove(ckpt)  # the outputs are complete: nothing left to resume
-    return res, paths
+    t = res.timings
+    resumed = f" ({res.n_rois_resumed} from the checkpoint)" if res.n_rois_resumed else ""
+    return (f"score {res.score:.4f}, {len(res.detections)} detections, {res.n_rois}/{res.n_rois_total} ROIs{resumed}, "
+            f"{t['total']:.1f} s (infer {t['infer']:.1f} s, waiting for reads {t['read_wait']:.1f} s) "
+            f"-> {os.path.dirname(paths['report'])}")
 
 
-def _scan(args) -> int:
-    """Scan every slide; a slide that fails is reported and the others go on.
-    Exit status 0 when all succeeded, 1 when any failed."""
+def _mitosis_one(slide, out, model, args, command):
+    from . import detect_mitoses
+
+    res = detect_mitoses(slide, model, map_threshold=args.map_threshold, nms_um=args.nms_um, delta=args.delta,
+                         theta=(args.theta1, args.theta2), **_common(args))
+    paths = res.save(out, command=command)
+    c = res.circle
+    return (f"{len(res.mitoses)} mitoses ({len(res.candidates)} candidates), hotspot p95 {c.percentile_count:g} / "
+            f"max {c.max_count} (2 mm^2), 10 HPF max {res.rect.max_count}, grade {res.grade}, "
+            f"{res.timings['total']:.1f} s -> {os.path.dirname(paths['report'])}")
+
+
+def _slides(args, run_one) -> int:
+    """Run ``run_one`` on every slide; a slide that fails is reported and the others go on.
+    Exit status 0 when all succeeded, 1 when any failed, 2 when the weights do not load."""
     import torch
 
-    from . import load_weights
+    from . import load_weights, open_slide
     from .errors import PyfastscanError
+    from .io.files import prepare_folder
     from .models import tellez_cnn, vgg16_fcn
 
+    job = args.command
     model = (vgg16_fcn if args.arch == "vgg16_fcn" else tellez_cnn)(num_classes=args.num_classes)
     try:
         load_weights(model, args.weights)
     except (PyfastscanError, OSError) as exc:
-        print(f"pyfastscan scan: cannot load weights {args.weights}: {exc}", file=sys.stderr)
+        print(f"pyfastscan {job}: cannot load weights {args.weights}: {exc}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,25 +72,50 @@ def _scan(args) -> int:
         name = os.path.splitext(os.path.basename(path))[0]
         out = os.path.join(args.out, name) if len(args.slides) > 1 or args.per_slide_folder else args.out
         try:
-            res, paths = _scan_one(path, out, model, args, command)
+            slide = open_slide(path, default_mpp=args.mpp)  # a bad slide fails before any folder is made
+            try:
+                prepare_folder(out)  # an unwritable folder fails before the work, not after it
+                summary = run_one(slide, out, model, args, command)
+            finally:
+                slide.close()
         except (PyfastscanError, OSError, ValueError, RuntimeError) as exc:
-            print(f"pyfastscan scan: {path}: FAILED: {exc}", file=sys.stderr)
+            print(f"pyfastscan {job}: {path}: FAILED: {exc}", file=sys.stderr)
             failed.append(path)
             continue
         except KeyboardInterrupt:
-            print(f"\npyfastscan scan: interrupted during {path}; run the same command with --resume to continue "
-                  "from the ROIs already finished", file=sys.stderr)
+            again = "; run the same command with --resume to continue from the ROIs already finished" \
+                if job == "scan" else ""
+            print(f"\npyfastscan {job}: interrupted during {path}{again}", file=sys.stderr)
             return 130
-        t = res.timings
-        resumed = f" ({res.n_rois_resumed} from the checkpoint)" if res.n_rois_resumed else ""
-        print(f"{path}: score {res.score:.4f}, {len(res.detections)} detections, {res.n_rois}/{res.n_rois_total} "
-              f"ROIs{resumed}, {t['total']:.1f} s (infer {t['infer']:.1f} s, waiting for reads {t['read_wait']:.1f} s) "
-              f"-> {os.path.dirname(paths['report'])}")
+        print(f"{path}: {summary}")
     if failed:
-        print(f"pyfastscan scan: {len(failed)} of {len(args.slides)} slides failed: {', '.join(failed)}",
+        print(f"pyfastscan {job}: {len(failed)} of {len(args.slides)} slides failed: {', '.join(failed)}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
+    p = sub.add_parser(name, help=help)
+    p.add_argument("slides", nargs="+", metavar="SLIDE")
+    p.add_argument("--weights", required=True, help=".safetensors or PyTorch checkpoint")
+    p.add_argument("--arch", choices=ARCHS, default=arch)
+    p.add_argument("--num-classes", type=int, default=2)
+    p.add_argument("--alpha", type=int, default=alpha, help=f"dense factor (map step = stride / alpha; default {alpha})")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per slide when several)")
+    p.add_argument("--per-slide-folder", action="store_true", help="use OUT/<slide name> for a single slide too")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="scan resolution in um/px (default: level 0); the level-0 resolution of slides without one")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--roi-outputs", type=_roi_outputs, default="auto",
+                   help="L_m': map cells per ROI side (default auto: the largest that fits --memory-mib)")
+    p.add_argument("--memory-mib", type=int, default=0,
+                   help="memory budget for one ROI (default: half the free GPU memory, or a quarter of the "
+                        "available RAM up to 1 GiB)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
 
 
 def main(argv=None) -> int:
@@ -82,28 +124,18 @@ def main(argv=None) -> int:
     info = sub.add_parser("info", help="print what was built and which backends can run here")
     info.add_argument("--json", action="store_true", help="print the full build_info() as JSON")
     sub.add_parser("demo", help="run the demonstration on bundled / generated data")
-    scan = sub.add_parser("scan", help="dense whole-slide scan: heat map, detections, report per slide")
-    scan.add_argument("slides", nargs="+", metavar="SLIDE")
-    scan.add_argument("--weights", required=True, help=".safetensors or PyTorch checkpoint")
-    scan.add_argument("--arch", choices=ARCHS, default="vgg16_fcn")
-    scan.add_argument("--num-classes", type=int, default=2)
-    scan.add_argument("--alpha", type=int, default=2, help="dense factor (map step = stride / alpha)")
-    scan.add_argument("--out", required=True, help="output folder (one sub-folder per slide when several)")
-    scan.add_argument("--per-slide-folder", action="store_true", help="use OUT/<slide name> for a single slide too")
-    scan.add_argument("--mpp", type=float, default=None,
-                      help="scan resolution in um/px (default: level 0); the level-0 resolution of slides without one")
-    scan.add_argument("--device", default="cpu")
-    scan.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    scan.add_argument("--roi-outputs", type=_roi_outputs, default="auto",
-                      help="L_m': map cells per ROI side (default auto: the largest that fits --memory-mib)")
-    scan.add_argument("--memory-mib", type=int, default=0,
-                      help="memory budget for one ROI (default: half the free GPU memory, or a quarter of the "
-                           "available RAM up to 4 GiB)")
+    scan = _slide_job_parser(sub, "scan", "dense whole-slide scan: heat map, detections, report per slide",
+                             "vgg16_fcn", 2)
     scan.add_argument("--resume", action="store_true",
                       help=f"continue an interrupted scan from the ROIs it finished (kept in OUT/{CHECKPOINT} "
                            "until the outputs are written)")
-    scan.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    scan.add_argument("--quiet", action="store_true", help="no progress line")
+    mit = _slide_job_parser(sub, "mitosis", "mitoses, hotspot and grade per slide (Tellez et al.)", "tellez_cnn", 1)
+    mit.add_argument("--map-threshold", type=float, default=0.8, help="map binarisation threshold (0.8)")
+    mit.add_argument("--nms-um", type=float, default=25.0, help="minimum distance between detections, um (25)")
+    mit.add_argument("--delta", type=float, default=0.970,
+                     help="probability a detection needs to count (0.970; the paper's F1 operating point is 0.919)")
+    mit.add_argument("--theta1", type=float, default=6, help="grade 1 up to this hotspot count (6)")
+    mit.add_argument("--theta2", type=float, default=20, help="grade 2 up to this hotspot count (20), then 3")
     from .eval.cli import add_parsers
 
     add_parsers(sub)
@@ -119,7 +151,9 @@ def main(argv=None) -> int:
 
         return demo.main()
     if args.command == "scan":
-        return _scan(args)
+        return _slides(args, _scan_one)
+    if args.command == "mitosis":
+        return _slides(args, _mitosis_one)
     if args.command == "evaluate":
         from .eval.cli import main as evaluate
 

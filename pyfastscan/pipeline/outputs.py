@@ -22,7 +22,7 @@ import numpy as np
 from ..io.files import atomic_write
 from ..io.annotations import contours
 from ..io.asap import detections_to_annotations, write_asap_xml
-from ..io.files import prepare_folder, write_json
+from ..io.files import prepare_folder, write_json, write_text
 from ..io.geojson import write_geojson
 
 
@@ -72,7 +72,7 @@ def write_heatmap_tif(path: str, heat: np.ndarray, mpp_map: float) -> str:
     return write_pyramid_tif(path, scaled, mpp_map, description="pyfastscan heat map: probability * 255")
 
 
-def _colour(heat: np.ndarray) -> np.ndarray:
+def colour_map(heat: np.ndarray) -> np.ndarray:
     """A blue-to-red colour map (0 blue, 0.5 yellow-green, 1 red), uint8 RGB."""
     h = np.clip(heat, 0, 1)[..., None]
     stops = np.array([[0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0]], dtype=np.float32)
@@ -96,15 +96,22 @@ def write_overlay_png(path: str, result) -> str:
     heat = result.heatmap[np.clip(iy, 0, result.heatmap.shape[0] - 1)[:, None],
                           np.clip(ix, 0, result.heatmap.shape[1] - 1)[None, :]]
     alpha = np.where(inside, 0.25 + 0.5 * heat, 0.0).astype(np.float32)[..., None]
-    out = (thumb * (1 - alpha) + _colour(heat) * alpha).astype(np.uint8)
+    out = (thumb * (1 - alpha) + colour_map(heat) * alpha).astype(np.uint8)
     m = result.tissue.on_grid((np.arange(th) + 0.5) * ds, (np.arange(tw) + 0.5) * ds)
     out[m & ~ndimage.binary_erosion(m)] = (0, 160, 0)  # tissue outline in green
     return atomic_write(path, lambda tmp: Image.fromarray(out).save(tmp, format="PNG"))
 
 
-def save_result(result, folder: str, command: Optional[str] = None) -> Dict[str, str]:
+def package_versions() -> Dict[str, str]:
+    import torch
+
     from .. import __version__
 
+    return {"pyfastscan": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def save_result(result, folder: str, command: Optional[str] = None) -> Dict[str, str]:
     prepare_folder(folder)
     paths = {}
     paths["heatmap"] = write_heatmap_tif(os.path.join(folder, "heatmap.tif"), result.heatmap,
@@ -113,18 +120,13 @@ def save_result(result, folder: str, command: Optional[str] = None) -> Dict[str,
         paths["overlay"] = write_overlay_png(os.path.join(folder, "overlay.png"), result)
     dets = result.detections
 
-    def csv(tmp):
-        with open(tmp, "w") as f:
-            for d in dets:
-                f.write(f"{d.probability:.6f},{d.x:.1f},{d.y:.1f}\n")
-
-    paths["detections_csv"] = atomic_write(os.path.join(folder, "detections.csv"), csv)
+    paths["detections_csv"] = write_text(os.path.join(folder, "detections.csv"),
+                                         "".join(f"{d.probability:.6f},{d.x:.1f},{d.y:.1f}\n" for d in dets))
     points = detections_to_annotations(dets, "Tumor")
     paths["detections_geojson"] = write_geojson(os.path.join(folder, "detections.geojson"), points)
     paths["detections_xml"] = write_asap_xml(os.path.join(folder, "detections.xml"), points)
     outline = contours(result.heatmap > result.threshold, result.stride_px, result.origin_px, group="Tumor")
     paths["contours_xml"] = write_asap_xml(os.path.join(folder, "heatmap_contours.xml"), outline)
-    import torch
 
     report = {
         "slide": result.slide_name, "score": result.score, "n_detections": len(dets),
@@ -136,8 +138,7 @@ def save_result(result, folder: str, command: Optional[str] = None) -> Dict[str,
         "rois_resumed": result.n_rois_resumed,
         "tissue_area_mm2": result.tissue.area_mm2(result.slide_mpp),
         "tissue_mask_downsample": result.tissue.downsample, "timings_s": result.timings,
-        "versions": {"pyfastscan": __version__, "torch": torch.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
+        "versions": package_versions(),
         "command": command if command is not None else " ".join(sys.argv),
     }
     paths["report"] = write_json(os.path.join(folder, "report.json"), report, indent=2)

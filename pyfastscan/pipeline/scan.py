@@ -383,19 +383,28 @@ def _read_scan_region(s: Slide, x: int, y: int, w: int, h: int, scan_ds: float, 
     return img[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def component_maxima(values: np.ndarray, labels: np.ndarray, which=None) -> List[Tuple[float, int, int]]:
+    """(maximum, row, col) of each label in ``which`` (default: all, 1..max), in that
+    order: the first maximum in raster order (scipy's maximum_position does not promise
+    which of equal maxima it returns)."""
+    flat = np.flatnonzero(labels)
+    labs, vals = labels.ravel()[flat], values.ravel()[flat]
+    order = np.lexsort((flat, -vals, labs))  # by label, then value descending, then raster order
+    first = order[np.r_[True, labs[order][1:] != labs[order][:-1]]] if len(order) else order
+    best = {int(labs[k]): (float(vals[k]), *divmod(int(flat[k]), labels.shape[1])) for k in first}
+    keys = range(1, int(labels.max(initial=0)) + 1) if which is None else which
+    return [best[int(k)] for k in keys if int(k) in best]
+
+
 def postprocess(heat: np.ndarray, stride_px: float, origin_px: Tuple[float, float],
                 threshold: float = 0.5) -> List[Detection]:
     """Fast ScanNet post-processing: opening (3x3) of the map, threshold, connected
-    components; each component is a detection at its maximum probability."""
+    components; each component is a detection at its maximum probability (the first in
+    raster order among equal maxima)."""
     from scipy import ndimage
 
     opened = ndimage.grey_opening(heat, size=(3, 3))
     labels, n = ndimage.label(opened > threshold)
-    if n == 0:
-        return []
-    idx = np.arange(1, n + 1)
-    peaks = ndimage.maximum(heat, labels, idx)
-    where = ndimage.maximum_position(heat, labels, idx)
-    dets = [Detection(float(p), origin_px[0] + j * stride_px, origin_px[1] + i * stride_px)
-            for p, (i, j) in zip(np.atleast_1d(peaks), where)]
+    dets = [Detection(p, origin_px[0] + j * stride_px, origin_px[1] + i * stride_px)
+            for p, i, j in component_maxima(heat, labels)]
     return sorted(dets, key=lambda d: -d.probability)

@@ -1,0 +1,47 @@
+"""Mitosis candidates (Tellez et al. 2018, Sec. IV-A), to sample training candidates and
+hard negatives: discs of diameter d centred on the darkest remaining pixels.
+
+    >>> cand = pyfastscan.mitosis.candidates(rgb, d_um=25, t=0.6, mpp=0.25)   # (K, 2) x, y
+
+Definition (pyfastscan/reference/candidates.py): the intensity of a pixel is the mean of
+its R, G, B (uint8) over 255. While a pixel not yet suppressed is darker than ``t``: take
+the darkest (ties in raster order), record it, suppress every pixel within d / 2 of it
+(dx^2 + dy^2 <= (d / 2 / mpp)^2). The comparisons run on the integer R + G + B, so both
+implementations decide every pixel the same way. C++ (csrc/cpu/candidates_cpu.cpp): one
+counting sort of the dark pixels, then the suppressed areas: O(N + suppressed area).
+"""
+import numpy as np
+import torch
+
+from .. import _native
+from ..errors import BackendUnavailableError, InvalidArgumentError
+from ..reference.candidates import candidates_reference, disk_r2
+
+
+def candidates(image, d_um: float = 25.0, t: float = 0.6, mpp: float = 0.25, backend: str = "auto") -> np.ndarray:
+    """(K, 2) int64 (x, y) pixel positions of the candidates, in the order picked (darkest
+    first). ``image``: (H, W, 3) uint8 RGB (numpy or tensor); ``backend``: "auto", "cpu"
+    (C++) or "torch" (the reference loop)."""
+    img = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image)
+    if img.ndim != 3 or img.shape[2] < 3 or img.dtype != np.uint8:
+        raise InvalidArgumentError(f"image must be (H, W, 3) uint8 RGB, got {img.dtype} {img.shape}")
+    for name, v in (("d_um", d_um), ("mpp", mpp)):
+        if not (isinstance(v, (int, float)) and v > 0 and np.isfinite(v)):
+            raise InvalidArgumentError(f"{name} must be a positive number, got {v!r}")
+    if not (isinstance(t, (int, float)) and 0 <= t <= 1):
+        raise InvalidArgumentError(f"t must be in [0, 1], got {t!r}")
+    intensity = img[..., :3].astype(np.uint16).sum(axis=2, dtype=np.uint16)
+    below, r2 = t * 765.0, disk_r2(d_um, mpp)
+    if backend == "auto":
+        backend = "cpu" if _native.cpu() is not None else "torch"
+    if backend == "cpu":
+        mod = _native.cpu()
+        if mod is None:
+            raise BackendUnavailableError(f"cpu backend not built: {_native.cpu_error()}")
+        idx = mod.mitosis_candidates(np.ascontiguousarray(intensity), below, r2)
+    elif backend == "torch":
+        idx = candidates_reference(torch.from_numpy(intensity.astype(np.int64)), below, r2).numpy()
+    else:
+        raise InvalidArgumentError(f"backend must be 'auto', 'cpu' or 'torch', got {backend!r}")
+    w = intensity.shape[1]
+    return np.stack([idx % w, idx // w], axis=1).astype(np.int64).reshape(-1, 2)
