@@ -21,8 +21,9 @@ def main():
     groups = defaultdict(dict)
     dense = [b for b in data["benchmarks"] if b.get("extra_info", {}).get("suite") == "dense"]
     scan = [b for b in data["benchmarks"] if b.get("extra_info", {}).get("suite") == "scan"]
+    mitosis = [b for b in data["benchmarks"] if b.get("extra_info", {}).get("suite") == "mitosis"]
     for b in data["benchmarks"]:
-        if b in dense or b in scan:
+        if b in dense or b in scan or b in mitosis:
             continue
         provider = b.get("extra_info", {}).get("provider", b["name"])
         groups[b["group"]][provider] = dict(b["stats"], mpx=b.get("extra_info", {}).get("megapixels"))
@@ -45,6 +46,8 @@ def main():
         dense_report(dense)
     if scan:
         scan_report(scan)
+    if mitosis:
+        mitosis_report(mitosis)
 
 
 def _mark(ok):
@@ -93,6 +96,32 @@ def dense_report(benchmarks):
                 speed, mac_ratio = p[0] / d[0], p[1] / d[1]
                 print(f"  a={alpha} vs patch-based (scaled): {speed:.1f}x faster, multiply-add ratio {mac_ratio:.1f}x, "
                       f"{speed / mac_ratio:.2f} of it (target >= 0.9): {_mark(speed >= 0.9 * mac_ratio)}")
+
+
+def mitosis_report(benchmarks):
+    """bench_mitosis.py: tissue throughput and GFLOP/s of the dense tellez_cnn against the
+    bf16 matrix-multiply peak measured in the same run."""
+    by = {b["extra_info"]["provider"]: (b["stats"]["median"], b["extra_info"]) for b in benchmarks}
+    peak, peak32 = by.get("matmul bf16"), by.get("matmul fp32")
+    print("\nmitosis: dense tellez_cnn (bench_mitosis.py), medians")
+    for name in ("matmul bf16", "matmul fp32"):
+        if name in by:
+            t, e = by[name]
+            print(f"  {name}: {e['flops'] / t / 1e9:.0f} GFLOP/s")
+    for precision in ("fp32", "bf16"):
+        if f"dense {precision}" not in by:
+            continue
+        t, e = by[f"dense {precision}"]
+        gflops = e["flops"] / t / 1e9
+        mpx = e["megapixels"] / t
+        line = (f"  dense {precision}: {mpx:.2f} Mpx/s of tissue, {1600 / mpx / 60:.1f} min per cm^2 at 0.25 um/px, "
+                f"{gflops:.0f} GFLOP/s")
+        if peak:
+            frac = gflops / (peak[1]["flops"] / peak[0] / 1e9)
+            line += f" = {frac:.2f} of the bf16 matmul peak (target >= 0.5): {_mark(frac >= 0.5)}"
+        if peak32:
+            line += f"; {gflops / (peak32[1]['flops'] / peak32[0] / 1e9):.2f} of the fp32 matmul peak"
+        print(line)
 
 
 def scan_report(benchmarks):

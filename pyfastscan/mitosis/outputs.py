@@ -55,13 +55,15 @@ def write_hotspot_png(path: str, res) -> str:
         x, y = c.max_center_xy[0] / ds, c.max_center_xy[1] / ds
         r = math.sqrt(c.area_mm2 / math.pi) * 1000 / res.slide_mpp / ds
         draw.ellipse([x - r, y - r, x + r, y + r], outline=(255, 0, 0), width=2)
-        draw.text((x + r + 3, y - 6), f"{c.max_count} (2 mm2 circle; p95 {c.percentile_count:g})", fill=(255, 0, 0))
+        draw.text((min(max(5, x - 60), tw - 230), min(max(18, y + r + 3), th - 14)),
+                  f"{c.max_count} (2 mm2 circle; p95 {c.percentile_count:g})", fill=(255, 0, 0))
     q = res.rect
     if q.max_center_xy:
         x, y = q.max_center_xy[0] / ds, q.max_center_xy[1] / ds
         side = math.sqrt(q.area_mm2 / 12) * 1000 / res.slide_mpp / ds  # 4:3 -> width 4u, height 3u
         draw.rectangle([x - 2 * side, y - 1.5 * side, x + 2 * side, y + 1.5 * side], outline=(0, 0, 255), width=2)
-        draw.text((x - 2 * side, y + 1.5 * side + 3), f"{q.max_count} (10 HPF)", fill=(0, 0, 255))
+        draw.text((min(max(5, x - 2 * side), tw - 90), min(max(32, y + 1.5 * side + 3), th - 28)),
+                  f"{q.max_count} (10 HPF)", fill=(0, 0, 255))
     draw.text((5, 5), f"mitoses: {len(res.mitoses)}  grade {res.grade}", fill=(0, 0, 0))
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
