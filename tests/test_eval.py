@@ -245,6 +245,6 @@ def test_cli_f1_and_bad_input(tmp_path, capsys):
     assert "| 2 | 1 | 0 |" in capsys.readouterr().out
     (tmp_path / "bad.csv").write_text("0.5,1,2\n0.4,x,3\n")
     assert main(["evaluate", "f1", "--pred", str(tmp_path / "bad.csv"), "--gt", str(tmp_path / "gt.geojson")]) == 2
-    assert "bad.csv: line 2: 'x' is not a number" in capsys.readouterr().err
+    assert "bad.csv: line 2: x='x' is not a number" in capsys.readouterr().err
     assert main(["evaluate", "froc", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)]) == 2
     assert "nope: no such folder" in capsys.readouterr().err

@@ -12,26 +12,15 @@ property); ASAP XML dots; a SlideRunner database (with the slide and class to re
 """
 import csv
 import json
-import math
 import os
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..io import AnnotationError, read_asap_xml, read_geojson, read_sliderunner_points
-from ..io._safe import read_bounded
+from ..io._safe import parse_number, read_bounded
 
 _PROB = ("probability", "prob", "score", "confidence")
-
-
-def _float(v: str, where: str) -> float:
-    try:
-        f = float(v)
-    except ValueError:
-        raise AnnotationError(f"{where}: {v!r} is not a number") from None
-    if not math.isfinite(f):
-        raise AnnotationError(f"{where}: {v!r} is not finite")
-    return f
 
 
 def read_points_csv(path: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -64,8 +53,8 @@ def read_points_csv(path: str) -> Tuple[np.ndarray, np.ndarray]:
         need = max(i for i in (ix, iy, ip) if i is not None)
         if len(r) <= need:
             raise AnnotationError(f"{where}: {len(r)} columns, expected at least {need + 1}")
-        xy.append((_float(r[ix], where), _float(r[iy], where)))
-        prob.append(_float(r[ip], where) if ip is not None else 1.0)
+        xy.append((parse_number(r[ix], where, "x"), parse_number(r[iy], where, "y")))
+        prob.append(parse_number(r[ip], where, "probability") if ip is not None else 1.0)
     return np.asarray(xy, dtype=np.float64).reshape(-1, 2), np.asarray(prob, dtype=np.float64)
 
 

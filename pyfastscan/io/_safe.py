@@ -1,5 +1,6 @@
 """Shared guards for annotation parsers: a size limit read before parsing, and errors that
 name the file and where it broke."""
+import math
 import os
 
 from ..errors import PyfastscanError
@@ -23,3 +24,20 @@ def read_bounded(path, max_bytes: int = MAX_BYTES) -> bytes:
                               "(pass max_bytes= to raise it)")
     with open(path, "rb") as f:
         return f.read(max_bytes + 1)
+
+
+def parse_number(text, where: str, what: str = "value") -> float:
+    """A finite float from ``text``; a decimal comma (no dot) is read as a point, as some
+    CAMELYON files were written. AnnotationError naming ``where`` otherwise."""
+    if text is None:
+        raise AnnotationError(f"{where}: no {what}")
+    t = text.strip()
+    if "," in t and "." not in t:
+        t = t.replace(",", ".")
+    try:
+        v = float(t)
+    except ValueError:
+        raise AnnotationError(f"{where}: {what}={text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise AnnotationError(f"{where}: {what}={text!r} is not finite")
+    return v

@@ -22,26 +22,11 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from .files import write_text
-from ._safe import MAX_BYTES, AnnotationError, read_bounded
+from ._safe import MAX_BYTES, AnnotationError, parse_number, read_bounded
 from .annotations import Annotation
 
 _POLYGON = ("polygon", "rectangle", "spline")
 _POINTS = ("dot", "pointset")
-
-
-def _number(text: Optional[str], what: str, where: str) -> float:
-    if text is None:
-        raise AnnotationError(f"{where}: Coordinate without {what}")
-    t = text.strip()
-    if "," in t and "." not in t:  # some CAMELYON files were written with a decimal comma
-        t = t.replace(",", ".")
-    try:
-        v = float(t)
-    except ValueError:
-        raise AnnotationError(f"{where}: {what}={text!r} is not a number") from None
-    if not np.isfinite(v):
-        raise AnnotationError(f"{where}: {what}={text!r} is not finite")
-    return v
 
 
 def read_asap_xml(path, max_bytes: int = MAX_BYTES) -> Tuple[List[Annotation], Dict[str, dict]]:
@@ -85,7 +70,8 @@ def read_asap_xml(path, max_bytes: int = MAX_BYTES) -> Tuple[List[Annotation], D
                 order = int(order)
             except ValueError:
                 raise AnnotationError(f"{w}: Order={order!r} is not an integer") from None
-            state["coords"].append((order, _number(attrs.get("X"), "X", w), _number(attrs.get("Y"), "Y", w)))
+            x, y = parse_number(attrs.get("X"), w, "X"), parse_number(attrs.get("Y"), w, "Y")
+            state["coords"].append((order, x, y))
         elif tag == "Group":
             if "Name" not in attrs:
                 raise AnnotationError(f"{where()}: <Group> without a Name")

@@ -23,7 +23,7 @@ DESIGN.md 2 and 4).
 """
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..ops.hotspot import HotspotStats, hotspot_stats, mitotic_grade
-from ..pipeline.scan import Detection, component_maxima, infer_rois, open_scan
+from ..pipeline.scan import Detection, SlideRun, component_maxima, infer_rois, open_scan
 
 
 def _components(values: np.ndarray, threshold: float):
@@ -123,7 +123,7 @@ def suppress(points: np.ndarray, probs: np.ndarray, min_distance: float) -> np.n
 
 
 @dataclass
-class MitosisResult:
+class MitosisResult(SlideRun):
     """Mitoses (level-0 pixels, probability >= delta), all candidates after NMS, the
     hotspot statistics of both windows and the grade."""
 
@@ -132,18 +132,8 @@ class MitosisResult:
     circle: HotspotStats
     rect: HotspotStats
     grade: int
-    slide_name: str
-    slide_mpp: float
-    slide_size: Tuple[int, int]
-    geometry: dict
     params: dict
-    tissue: object
     count_mask: object
-    n_rois: int
-    n_rois_total: int
-    timings: Dict[str, float]
-    thumbnail: Optional[np.ndarray] = field(default=None, repr=False)
-    thumbnail_downsample: float = 1.0
 
     @property
     def hotspot_p95(self) -> float:
@@ -222,12 +212,10 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
         rect = hotspot_stats(xy, window="rect", percentile=100, **common)
         grade = mitotic_grade(circle.percentile_count, *theta)
         timings["postprocess"] += time.perf_counter() - t
-        timings["total"] = time.perf_counter() - job.t0
         params = dict(map_threshold=map_threshold, nms_um=nms_um, delta=delta, theta=list(theta), step_um=step_um,
                       region_mask=region_mask is not None)
-        return MitosisResult(mitoses, cands, circle, rect, grade, s.name, s.mpp, s.dimensions, job.geometry_info(),
-                             params, job.tissue, counting, len(job.rois), job.n_total, timings, job.thumbnail,
-                             job.thumbnail_downsample)
+        return MitosisResult(**job.run_info(), mitoses=mitoses, candidates=cands, circle=circle, rect=rect,
+                             grade=grade, params=params, count_mask=counting)
 
 
 def _region(mask, slide_width: int):

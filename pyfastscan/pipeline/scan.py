@@ -39,7 +39,23 @@ class Detection:
 
 
 @dataclass
-class ScanResult:
+class SlideRun:
+    """What every slide job reports about the slide and the run (level-0 pixels)."""
+
+    slide_name: str
+    slide_mpp: float
+    slide_size: Tuple[int, int]
+    geometry: dict
+    tissue: TissueMask
+    n_rois: int
+    n_rois_total: int
+    timings: Dict[str, float]
+    thumbnail: Optional[np.ndarray] = field(repr=False)
+    thumbnail_downsample: float
+
+
+@dataclass
+class ScanResult(SlideRun):
     """Everything a scan produced. heatmap[i, j] is the probability of the patch centred at
     (origin_px[0] + j * stride_px, origin_px[1] + i * stride_px) in level-0 pixels."""
 
@@ -48,17 +64,7 @@ class ScanResult:
     origin_px: Tuple[float, float]
     detections: List[Detection]
     score: float
-    slide_name: str
-    slide_mpp: float
     scan_mpp: float
-    slide_size: Tuple[int, int]
-    geometry: dict
-    tissue: TissueMask
-    n_rois: int
-    n_rois_total: int
-    timings: Dict[str, float]
-    thumbnail: Optional[np.ndarray] = field(default=None, repr=False)
-    thumbnail_downsample: float = 1.0
     n_rois_resumed: int = 0
     threshold: float = 0.5
 
@@ -185,10 +191,15 @@ class ScanJob:
         c = self.dense.geometry.patch / 2 * self.scan_ds
         return (c, c)
 
-    def geometry_info(self) -> dict:
+    def run_info(self) -> dict:
+        """The :class:`SlideRun` fields of this job (timings finished with the total)."""
         g = self.dense.geometry
-        return dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, plan=self.dense.plan,
-                    precision=self.dense.precision, roi_outputs=self.roi_outputs)
+        self.timings["total"] = time.perf_counter() - self.t0
+        return dict(slide_name=self.slide.name, slide_mpp=self.slide.mpp, slide_size=self.slide.dimensions,
+                    geometry=dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, plan=self.dense.plan,
+                                  precision=self.dense.precision, roi_outputs=self.roi_outputs),
+                    tissue=self.tissue, n_rois=len(self.rois), n_rois_total=self.n_total, timings=self.timings,
+                    thumbnail=self.thumbnail, thumbnail_downsample=self.thumbnail_downsample)
 
 
 def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: int, mpp: Optional[float], device,
@@ -347,10 +358,9 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
             detections = postprocess(heat[r0:r1, c0:c1], stride_px,
                                      (origin[0] + c0 * stride_px, origin[1] + r0 * stride_px), threshold)
         timings["postprocess"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - job.t0
-        return ScanResult(heat, stride_px, origin, detections, float(heat.max()), s.name, s.mpp, job.scan_mpp,
-                          s.dimensions, job.geometry_info(), job.tissue, len(rois), job.n_total, timings,
-                          job.thumbnail, job.thumbnail_downsample, n_resumed, threshold)
+        return ScanResult(**job.run_info(), heatmap=heat, stride_px=stride_px, origin_px=origin,
+                          detections=detections, score=float(heat.max()), scan_mpp=job.scan_mpp,
+                          n_rois_resumed=n_resumed, threshold=threshold)
 
 
 def _plan_rois(g, n_rows: int, n_cols: int, L: int, tissue: TissueMask, scan_ds: float):
