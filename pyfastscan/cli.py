@@ -38,8 +38,14 @@ def _scan_one(slide, out, model, args, command):
 def _mitosis_one(slide, out, model, args, command):
     from . import detect_mitoses
 
+    region = None
+    if args.region:
+        from .io import read_asap_xml, read_geojson
+
+        region = read_asap_xml(args.region)[0] if args.region.lower().endswith(".xml") else read_geojson(args.region)
+        region = [a for a in region if a.kind == "polygon"]
     res = detect_mitoses(slide, model, map_threshold=args.map_threshold, nms_um=args.nms_um, delta=args.delta,
-                         theta=(args.theta1, args.theta2), **_common(args))
+                         theta=(args.theta1, args.theta2), region_mask=region or None, **_common(args))
     paths = res.save(out, command=command)
     c = res.circle
     return (f"{len(res.mitoses)} mitoses ({len(res.candidates)} candidates), hotspot p95 {c.percentile_count:g} / "
@@ -136,6 +142,8 @@ def main(argv=None) -> int:
                      help="probability a detection needs to count (0.970; the paper's F1 operating point is 0.919)")
     mit.add_argument("--theta1", type=float, default=6, help="grade 1 up to this hotspot count (6)")
     mit.add_argument("--theta2", type=float, default=20, help="grade 2 up to this hotspot count (20), then 3")
+    mit.add_argument("--region", default=None,
+                     help="count only inside these polygons (ASAP .xml or .geojson, level-0 px), e.g. the tumour")
     from .eval.cli import add_parsers
 
     add_parsers(sub)

@@ -224,6 +224,21 @@ def test_cli_froc_and_auc_on_scan_outputs(tmp_path, capsys):
     # sensitivity 1/2 at each; then (0, 0). The detection at 0.3 on the lesion is not its best.
     assert np.allclose(fps, [4 / 3, 1, 2 / 3, 1 / 3, 0, 0]) and np.allclose(sens, [0.5] * 5 + [0])
     assert [s["hit"] for s in res["slides"]] == [0, 1, 0]
+    # the same ground truth as Camelyon16 mask TIFs (255 = tumour, pyramid down to level 5)
+    # gives the same curve
+    from pyfastscan.pipeline.outputs import write_pyramid_tif
+
+    gt2 = tmp_path / "gt_masks"
+    gt2.mkdir()
+    level0 = np.kron(mask, np.ones((32, 32), dtype=bool)).astype(np.uint8) * 255
+    for name in ("tumor_001", "tumor_002"):
+        write_pyramid_tif(str(gt2 / f"{name}_Mask.tif"), level0, 0.243, levels=6)
+    out2 = tmp_path / "res" / "froc_masks.json"
+    assert main(["evaluate", "froc", "--pred", str(pred), "--gt", str(gt2), "--json", str(out2),
+                 "--reading", "step"]) == 0
+    res2 = json.load(open(out2))
+    assert res2["curve"] == res["curve"] and res2["froc_linear"] == res["froc"]
+    assert res2["froc"] == pytest.approx(froc_score(fps, sens, reading="step")[0])
     labels_csv = tmp_path / "labels.csv"
     labels_csv.write_text("name,label\ntumor_001,Tumor\ntumor_002,Tumor\nnormal_001,Normal\n")
     assert main(["evaluate", "auc", "--pred", str(pred), "--labels", str(labels_csv)]) == 0

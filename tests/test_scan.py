@@ -155,6 +155,14 @@ def test_slide_errors_name_the_file(tmp_path):
     assert res.slide_mpp == 0.5
 
 
+def test_progress_on_a_pipe_is_whole_lines(capsys):
+    res = scan_slide(ArraySlide(_image()), _model(), alpha=2, roi_outputs=5, tissue_mask=np.ones((17, 14), dtype=bool))
+    err = capsys.readouterr().err
+    assert "\r" not in err  # not a terminal: whole lines, the last one at the end
+    n = res.n_rois
+    assert n > 100 and err.splitlines()[-1].startswith(f"scan array-slide: {n}/{n} ROIs") and err.endswith("ETA 0 s\n")
+
+
 def test_unwritable_output_folder(tmp_path):
     res = scan_slide(ArraySlide(_image()), _model(torch.float32), progress=False)
     blocker = tmp_path / "file"

@@ -159,9 +159,9 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
             roi_outputs, memory, positive_class, workers, progress: as :func:`scan_slide`.
             The default model is ``tellez_cnn`` (gamma 0.6) with trained weights.
         alpha: dense factor; 1 (default) gives the network's own stride (4 px for tellez_cnn).
-        region_mask: optional boolean image at any downsample (for example a tumour mask,
-            or ``pyfastscan.io.rasterize`` of a polygon): counting is restricted to it
-            (default: the tissue mask).
+        region_mask: optional region to count in (default: the tissue mask): a boolean
+            image at any downsample (a tumour mask), or polygons (``pyfastscan.io``
+            annotations, e.g. ``read_asap_xml(path)[0]`` or ``read_geojson(path)``).
         map_threshold: the map binarisation threshold (0.8).
         nms_um: minimum distance between detections, in um (25 um = 100 px at 0.25 um/px).
         delta: probability a candidate needs to count as a mitosis (0.970).
@@ -204,7 +204,7 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
         cands = sorted((Detection(float(probs[k]), float(pts[k, 0]), float(pts[k, 1])) for k in kept),
                        key=lambda d: (-d.probability, d.y, d.x))
         mitoses = [d for d in cands if d.probability >= delta]
-        counting = job.tissue if region_mask is None else _region(region_mask, s.dimensions[0])
+        counting = job.tissue if region_mask is None else _region(region_mask, s.dimensions)
         xy = np.array([(d.x, d.y) for d in mitoses], dtype=np.float64).reshape(-1, 2)
         common = dict(slide_size=s.dimensions, mpp=s.mpp, step_um=step_um, tissue_mask=counting.mask,
                       mask_downsample=counting.downsample)
@@ -218,7 +218,20 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
                              grade=grade, params=params, count_mask=counting)
 
 
-def _region(mask, slide_width: int):
+def _region(region, slide_size: Tuple[int, int], max_side: int = 4096):
+    """The counting region as a TissueMask: a TissueMask as it is, a boolean image at any
+    downsample, or polygons (pyfastscan.io.Annotation, e.g. read from ASAP XML or GeoJSON)
+    rasterised with at most ``max_side`` pixels on the longer side."""
+    from ..io.annotations import Annotation, rasterize
     from ..slide.tissue import TissueMask, user_tissue_mask
 
-    return mask if isinstance(mask, TissueMask) else user_tissue_mask(mask, slide_width)
+    if isinstance(region, TissueMask):
+        return region
+    if isinstance(region, (list, tuple)) and region and all(isinstance(a, Annotation) for a in region):
+        w, h = slide_size
+        d = max(1.0, max(w, h) / max_side)
+        mask = rasterize(region, (int(np.ceil(h / d)), int(np.ceil(w / d))), d)
+        if not mask.any():
+            raise InvalidArgumentError("the region polygons cover no part of the slide")
+        return TissueMask(mask, d)
+    return user_tissue_mask(region, slide_size[0])

@@ -78,10 +78,12 @@ class ScanResult(SlideRun):
 
 
 class _Progress:
-    """ROIs done, rate and ETA on stderr, one line rewritten in place."""
+    """ROIs done, rate and ETA on stderr: one line rewritten in place on a terminal; on a
+    pipe or log file, a new line every 10 s (and at the end)."""
 
     def __init__(self, total: int, label: str, enabled: bool):
         self.total, self.label, self.enabled = total, label, enabled and total > 0
+        self.tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
         self.start = time.perf_counter()
         self.last = 0.0
 
@@ -89,14 +91,17 @@ class _Progress:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if done < self.total and now - self.last < 0.5:
+        if done < self.total and now - self.last < (0.5 if self.tty else 10.0):
             return
         self.last = now
         elapsed = now - self.start
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("nan")
-        end = "\n" if done >= self.total else ""
-        sys.stderr.write(f"\r{self.label}: {done}/{self.total} ROIs, {rate:.2f} ROI/s, ETA {eta:.0f} s   {end}")
+        line = f"{self.label}: {done}/{self.total} ROIs, {rate:.2f} ROI/s, ETA {eta:.0f} s"
+        if self.tty:
+            sys.stderr.write(f"\r{line}   " + ("\n" if done >= self.total else ""))
+        else:
+            sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
 
