@@ -271,7 +271,7 @@ def test_auto_roi_size_is_the_largest_that_fits_the_budget():
     g = dense.geometry
 
     def need(L):
-        return 2 * dense.activation_bytes(g.input_side(L)) + 3 * 3 * g.input_side(L) ** 2
+        return 2 * dense.activation_bytes(g.input_side(L)) + 3 * 3 * 4 * g.input_side(L) ** 2  # 3 float32 ROIs
 
     budget = need(37) + 1
     assert choose_roi_outputs(dense, budget, workers=2) == 37

@@ -132,15 +132,18 @@ def memory_budget(device) -> int:
 
 def choose_roi_outputs(dense: DenseModel, budget: int, workers: int = 2, limit: int = 256) -> int:
     """L_m': the largest number of map cells per ROI side (at most ``limit``) whose forward
-    pass and read-ahead buffers (``workers`` + 1 RGB ROIs) fit in ``budget`` bytes. The
+    pass and read-ahead buffers (``workers`` + 1 ROIs converted to the model's input
+    dtype, float32 or float64) fit in ``budget`` bytes. The
     forward pass is counted as twice :meth:`DenseModel.activation_bytes`: the backends'
     layout reorders and workspaces come on top of the tensors PyTorch holds (oneDNN on
     this project's CPU peaked at 1.3-1.9x them, measured with VmHWM)."""
     g = dense.geometry
+    param = next(dense.parameters(), None)
+    item = param.element_size() if param is not None and dense.precision != "bf16" else 4
 
     def need(L):
         side = g.input_side(L)
-        return 2 * dense.activation_bytes(side) + (workers + 1) * 3 * side * side
+        return 2 * dense.activation_bytes(side) + (workers + 1) * 3 * side * side * item
 
     if need(1) > budget:
         raise InvalidArgumentError(f"a single patch ({g.patch} px) needs {need(1) / 2**20:.0f} MiB, more than the "
@@ -259,13 +262,18 @@ def infer_rois(job: ScanJob, todo: list, *, device, positive_class: int, workers
     dense, s, timings = job.dense, job.slide, job.timings
     level_ds = s.handle.level_downsamples[job.level]
 
-    def read(roi):
-        _, _, _, _, x, y, wi, hi = roi
-        return _read_scan_region(s, x, y, wi, hi, job.scan_ds, job.level, level_ds)
-
     softmax = not (len(dense.layers) and isinstance(dense.layers[-1], nn.Softmax))
     param = next(dense.parameters(), None)
     in_dtype = torch.float32 if param is None or dense.precision == "bf16" else param.dtype
+    on_cpu = torch.device(device).type == "cpu"
+
+    def read(roi):
+        """The ROI as the model's input; on the CPU converted here, in the background thread
+        (on a GPU the uint8 pixels travel and are converted there: a quarter of the bytes)."""
+        _, _, _, _, x, y, wi, hi = roi
+        t = torch.from_numpy(_read_scan_region(s, x, y, wi, hi, job.scan_ds, job.level, level_ds))
+        return t.permute(2, 0, 1)[None].to(in_dtype).div_(255) if on_cpu else t
+
     bar = _Progress(len(todo), label, progress)
     with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
         pending = deque()
@@ -277,13 +285,14 @@ def infer_rois(job: ScanJob, todo: list, *, device, positive_class: int, workers
         while pending:
             roi, fut = pending.popleft()
             t = time.perf_counter()
-            rgb = fut.result()
+            x = fut.result()
             timings["read_wait"] += time.perf_counter() - t
             nxt = next(it, None)
             if nxt is not None:
                 pending.append((nxt, pool.submit(read, nxt)))
             t = time.perf_counter()
-            x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None].to(in_dtype).div_(255)
+            if not on_cpu:
+                x = x.to(device).permute(2, 0, 1)[None].to(in_dtype).div_(255)
             out = dense(x)
             block = (F.softmax(out, dim=1) if softmax else out)[0, positive_class].float().cpu().numpy()
             timings["infer"] += time.perf_counter() - t
