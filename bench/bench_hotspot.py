@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyfastscan.ops import hotspot_counts, hotspot_stats
+from pyfastscan.ops import hotspot_counts
 
 MPP = 0.25
 SLIDE = (int(50_000 / MPP), int(25_000 / MPP))  # (width, height) level-0 px: 50 x 25 mm

@@ -150,7 +150,6 @@ def _froc(args) -> int:
 def _auc(args) -> int:
     labels = read_labels(args.labels)
     preds = prediction_files(args.pred)
-    names = sorted(set(labels) & set(preds))
     missing = sorted(set(labels) - set(preds))
     if missing:
         print(f"pyfastscan evaluate auc: no predictions for {len(missing)} labelled slides, scored 0: "

@@ -10,7 +10,7 @@ its own (scipy's linear_sum_assignment), so memory grows with the pairs, not wit
 detections x truths.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Tuple
 
 import numpy as np
 

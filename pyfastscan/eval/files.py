@@ -13,7 +13,7 @@ property); ASAP XML dots; a SlideRunner database (with the slide and class to re
 import csv
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 

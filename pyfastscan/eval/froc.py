@@ -127,8 +127,9 @@ def froc_curve(slides: Sequence[SlideHits]) -> Tuple[np.ndarray, np.ndarray]:
     thresholds = sorted(set(fps.tolist()) | set(tps.astype(np.float64).tolist()))[1:]
     # as in the script: FPs (float64) compared with the threshold as it is; the lesions'
     # float32 array compared with the threshold cast to float32 (numpy's promotion rules)
-    n_fp = [len(fps) - np.searchsorted(fps, t, side="left") for t in thresholds] + [0]
-    n_tp = [len(tps) - np.searchsorted(tps, np.float32(t), side="left") for t in thresholds] + [0]
+    th = np.asarray(thresholds, dtype=np.float64)
+    n_fp = np.r_[len(fps) - np.searchsorted(fps, th, side="left"), 0]
+    n_tp = np.r_[len(tps) - np.searchsorted(tps, th.astype(np.float32), side="left"), 0]
     return np.asarray(n_fp, dtype=np.float64) / len(slides), np.asarray(n_tp, dtype=np.float64) / n_lesions
 
 

@@ -92,18 +92,17 @@ def contours(mask: np.ndarray, stride_px: float = 1.0, origin_px: Tuple[float, f
     Cell (i, j) is centred at origin + (j, i) * stride. ``rasterize`` on the same grid gives
     the mask back exactly, except islands inside holes (the hole, drawn after, removes them)."""
     m = np.pad(np.asarray(mask, dtype=bool), 1)
+    inner = m[1:-1, 1:-1]
     edges = {}
-    # directed cell edges with the inside on the left (y grows downwards): a loop per boundary
-    ys, xs = np.nonzero(m[1:-1, 1:-1])
-    for i, j in zip(ys.tolist(), xs.tolist()):
-        if not m[i, j + 1]:      # top edge, going left
-            edges[(j + 1, i)] = edges.get((j + 1, i), []) + [(j, i)]
-        if not m[i + 2, j + 1]:  # bottom edge, going right
-            edges[(j, i + 1)] = edges.get((j, i + 1), []) + [(j + 1, i + 1)]
-        if not m[i + 1, j]:      # left edge, going down
-            edges[(j, i)] = edges.get((j, i), []) + [(j, i + 1)]
-        if not m[i + 1, j + 2]:  # right edge, going up
-            edges[(j + 1, i + 1)] = edges.get((j + 1, i + 1), []) + [(j + 1, i)]
+    # directed cell edges on the region's boundary, inside on the left (y grows downwards),
+    # as (start corner) -> [end corners]; corner (x, y) is the top-left of cell (y, x)
+    for outside, start, end in ((m[:-2, 1:-1], (1, 0), (0, 0)),   # top edge, going left
+                                (m[2:, 1:-1], (0, 1), (1, 1)),    # bottom edge, going right
+                                (m[1:-1, :-2], (0, 0), (0, 1)),   # left edge, going down
+                                (m[1:-1, 2:], (1, 1), (1, 0))):   # right edge, going up
+        ys, xs = np.nonzero(inner & ~outside)
+        for i, j in zip(ys.tolist(), xs.tolist()):
+            edges.setdefault((j + start[0], i + start[1]), []).append((j + end[0], i + end[1]))
     out = []
     while edges:
         start = next(iter(edges))

@@ -8,7 +8,7 @@ is an AnnotationError naming the file.
 """
 import os
 import sqlite3
-from typing import Dict, List, Union
+from typing import Dict, Union
 
 import numpy as np
 

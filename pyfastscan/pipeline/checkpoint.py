@@ -14,7 +14,7 @@ import json
 import os
 import struct
 import zlib
-from typing import Iterable, Optional, Set, Tuple
+from typing import Set, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +41,6 @@ class RoiLog:
 
     def __init__(self, path: str, key: dict, resume: bool):
         self.path = path
-        self.key = key
         header = _MAGIC + json.dumps(key, sort_keys=True).encode() + b"\n"
         self.blocks = []
         if resume and os.path.exists(path):
@@ -100,8 +99,3 @@ class RoiLog:
 
     def close(self) -> None:
         self._f.close()
-
-    def remove(self) -> None:
-        self.close()
-        if os.path.exists(self.path):
-            os.remove(self.path)
