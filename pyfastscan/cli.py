@@ -26,7 +26,7 @@ def _scan_one(slide, out, model, args, command):
 
     ckpt = os.path.join(out, CHECKPOINT)
     res = scan_slide(slide, model, checkpoint=ckpt, resume=args.resume and os.path.exists(ckpt), **_common(args))
-    paths = res.save(out, command=command)
+    paths = res.save(out, command=command, heatmap_dtype="float32" if args.heatmap_float else "uint8")
     os.remove(ckpt)  # the outputs are complete: nothing left to resume
     t = res.timings
     resumed = f" ({res.n_rois_resumed} from the checkpoint)" if res.n_rois_resumed else ""
@@ -135,6 +135,9 @@ def main(argv=None) -> int:
     scan.add_argument("--resume", action="store_true",
                       help=f"continue an interrupted scan from the ROIs it finished (kept in OUT/{CHECKPOINT} "
                            "until the outputs are written)")
+    scan.add_argument("--heatmap-float", action="store_true",
+                      help="write heatmap.tif as float32 probabilities (QuPath, tifffile) instead of uint8 x 255 "
+                           "(which OpenSlide and ASAP also open)")
     mit = _slide_job_parser(sub, "mitosis", "mitoses, hotspot and grade per slide (Tellez et al.)", "tellez_cnn", 1)
     mit.add_argument("--map-threshold", type=float, default=0.8, help="map binarisation threshold (0.8)")
     mit.add_argument("--nms-um", type=float, default=25.0, help="minimum distance between detections, um (25)")

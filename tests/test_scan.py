@@ -121,6 +121,24 @@ def test_outputs_open_in_openslide(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".part")]
 
 
+def test_float_heatmap(tmp_path):
+    """heatmap_dtype="float32": the probabilities themselves at level 0, 2 x 2 means above."""
+    import tifffile
+
+    res = scan_slide(ArraySlide(np.tile(_image(), (4, 4, 1))), _model(torch.float32), alpha=4, progress=False)
+    path = res.save(str(tmp_path / "out"), command="test", heatmap_dtype="float32")["heatmap"]
+    with tifffile.TiffFile(path) as t:
+        level0, level1 = t.pages[0].asarray(), t.pages[1].asarray()
+        assert t.pages[0].is_tiled and len(t.pages) >= 2
+    assert level0.dtype == np.float32 and np.array_equal(level0, res.heatmap)
+    h, w = (s // 2 * 2 for s in res.heatmap.shape)
+    halves = res.heatmap[:h, :w].reshape(h // 2, 2, w // 2, 2)
+    expected = (((halves[:, 0, :, 0] + halves[:, 1, :, 0]) + (halves[:, 0, :, 1] + halves[:, 1, :, 1])) / 4)
+    assert np.array_equal(level1, expected.astype(np.float32))
+    with pytest.raises(InvalidArgumentError, match="uint8"):
+        res.save(str(tmp_path / "out2"), heatmap_dtype="float16")
+
+
 def test_real_svs_at_a_coarser_resolution():
     pytest.importorskip("openslide")
     res = scan_slide(SVS, _model(torch.float32), alpha=2, mpp=4.0, progress=False)  # level 0 is 0.499 um/px

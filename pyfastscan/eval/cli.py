@@ -30,7 +30,7 @@ def add_parsers(sub) -> None:
     froc.add_argument("--reading", choices=("linear", "step"), default="linear",
                       help="how sensitivity is read between curve points (default linear, see pyfastscan.eval.froc)")
     froc.add_argument("--json", default=None, help="write the results as JSON here")
-    froc.add_argument("--plot", default=None, help="FROC curve PNG (default: froc.png beside --json, else none)")
+    froc.add_argument("--plot", default=None, help="FROC curve PNG (default: froc.png beside --json, or here)")
     auc = evs.add_parser("auc", help="slide-level ROC AUC (slide score: maximum of the heat map)")
     auc.add_argument("--pred", required=True, help="folder of scan outputs or NAME.csv detections")
     auc.add_argument("--labels", required=True, help="CSV of name,label (Tumor/Normal or 1/0)")
@@ -137,13 +137,12 @@ def _froc(args) -> int:
               "level": args.level, "resolution": args.resolution}
     if args.json:
         write_json(args.json, result, indent=2)
-    plot = args.plot or (os.path.join(os.path.dirname(args.json) or ".", "froc.png") if args.json else None)
-    if plot:
-        from .plot import write_curve_png
+    plot = args.plot or os.path.join(os.path.dirname(args.json) or "." if args.json else ".", "froc.png")
+    from .plot import write_curve_png
 
-        write_curve_png(plot, fps, sens, "average false positives per slide", "metastasis detection sensitivity",
-                        f"FROC {score:.4f} ({args.reading})", marks=RATES)
-        print(f"curve: {plot}")
+    write_curve_png(plot, fps, sens, "average false positives per slide", "metastasis detection sensitivity",
+                    f"FROC {score:.4f} ({args.reading})", marks=RATES)
+    print(f"curve: {plot}")
     return 0
 
 

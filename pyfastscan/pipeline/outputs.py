@@ -1,7 +1,7 @@
 """Files of a scan, each written atomically (a temporary file in the same folder, then
 os.replace), so an interrupted run never leaves a half-written output behind.
 
-    heatmap.tif         pyramidal tiled TIFF, uint8 probability * 255, every level a page
+    heatmap.tif         pyramidal tiled TIFF, uint8 probability * 255 (or float32), every level a page
                         of the main IFD chain (OpenSlide does not see SubIFDs), resolution
                         in the tags: opens in OpenSlide, QuPath and ASAP
     overlay.png         thumbnail with the map in colour and the tissue outline
@@ -20,6 +20,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..io.files import atomic_write
+from ..errors import InvalidArgumentError
 from ..io.annotations import contours
 from ..io.asap import detections_to_annotations, write_asap_xml
 from ..io.files import prepare_folder, write_json, write_text
@@ -27,9 +28,10 @@ from ..io.geojson import write_geojson
 
 
 def _halve(a: np.ndarray) -> np.ndarray:
-    """2x2 box downsample of a uint8 image (H, W) or (H, W, C), rounding half up; an axis of
-    length 1 stays 1."""
-    b = a.astype(np.uint16)
+    """2x2 box downsample of an image (H, W) or (H, W, C): uint8 rounding half up, float
+    averaged in its dtype; an axis of length 1 stays 1."""
+    floating = np.issubdtype(a.dtype, np.floating)
+    b = a.astype(a.dtype if floating else np.uint16)
     for axis in (0, 1):
         n = b.shape[axis]
         if n < 2:
@@ -37,13 +39,14 @@ def _halve(a: np.ndarray) -> np.ndarray:
             continue
         even = n // 2 * 2
         b = np.take(b, range(0, even, 2), axis) + np.take(b, range(1, even, 2), axis)
-    return ((b + 2) // 4).astype(np.uint8)
+    return (b / 4).astype(a.dtype) if floating else ((b + 2) // 4).astype(np.uint8)
 
 
 def write_pyramid_tif(path: str, image: np.ndarray, mpp: float, *, levels: Optional[int] = None,
                       compression: str = "zlib", description: Optional[str] = None) -> str:
     """Tiled (256 px) pyramidal TIFF, each level a page of the main IFD chain (where
     OpenSlide looks), with the resolution of each level in its tags. ``image`` is uint8
+    or float32
     (H, W) or RGB (H, W, 3) at ``mpp`` um/px. Without ``levels``, halves until the level
     fits one tile."""
     import tifffile
@@ -64,8 +67,15 @@ def write_pyramid_tif(path: str, image: np.ndarray, mpp: float, *, levels: Optio
     return atomic_write(path, write)
 
 
-def write_heatmap_tif(path: str, heat: np.ndarray, mpp_map: float) -> str:
-    """The probability map as uint8 (probability * 255), zlib tiles, pyramid to one tile."""
+def write_heatmap_tif(path: str, heat: np.ndarray, mpp_map: float, dtype: str = "uint8") -> str:
+    """The probability map, zlib tiles, pyramid to one tile: ``uint8`` (probability * 255;
+    OpenSlide, QuPath and ASAP open it) or ``float32`` (the probabilities themselves; QuPath
+    and tifffile read it, OpenSlide reads 8-bit images only)."""
+    if dtype == "float32":
+        return write_pyramid_tif(path, np.ascontiguousarray(heat, dtype=np.float32), mpp_map,
+                                 description="pyfastscan heat map: probability (float32)")
+    if dtype != "uint8":
+        raise InvalidArgumentError(f"heat map dtype must be 'uint8' or 'float32', got {dtype!r}")
     scaled = np.empty(heat.shape, dtype=np.uint8)
     for r in range(0, heat.shape[0], 1024):  # in bands: no full-size float temporaries
         scaled[r:r + 1024] = np.clip(np.rint(heat[r:r + 1024] * 255), 0, 255)
@@ -111,11 +121,11 @@ def package_versions() -> Dict[str, str]:
             "python": platform.python_version()}
 
 
-def save_result(result, folder: str, command: Optional[str] = None) -> Dict[str, str]:
+def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtype: str = "uint8") -> Dict[str, str]:
     prepare_folder(folder)
     paths = {}
     paths["heatmap"] = write_heatmap_tif(os.path.join(folder, "heatmap.tif"), result.heatmap,
-                                         result.stride_px * result.slide_mpp)
+                                         result.stride_px * result.slide_mpp, heatmap_dtype)
     if result.thumbnail is not None:
         paths["overlay"] = write_overlay_png(os.path.join(folder, "overlay.png"), result)
     dets = result.detections

@@ -68,13 +68,13 @@ class ScanResult(SlideRun):
     n_rois_resumed: int = 0
     threshold: float = 0.5
 
-    def save(self, folder, command: Optional[str] = None) -> Dict[str, str]:
-        """Write heatmap.tif, overlay.png, detections.csv / .geojson / .xml,
-        heatmap_contours.xml and report.json into ``folder`` (created), each atomically
-        (see pipeline/outputs.py). Returns name -> path."""
+    def save(self, folder, command: Optional[str] = None, heatmap_dtype: str = "uint8") -> Dict[str, str]:
+        """Write heatmap.tif (``heatmap_dtype`` "uint8" or "float32"), overlay.png,
+        detections.csv / .geojson / .xml, heatmap_contours.xml and report.json into
+        ``folder`` (created), each atomically (see pipeline/outputs.py). Returns name -> path."""
         from .outputs import save_result
 
-        return save_result(self, folder, command)
+        return save_result(self, folder, command, heatmap_dtype)
 
 
 class _Progress:
