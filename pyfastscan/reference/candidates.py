@@ -5,7 +5,7 @@ import math
 import torch
 
 
-def candidates_reference(intensity: torch.Tensor, below: float, r2: float) -> torch.Tensor:
+def candidates_ref(intensity: torch.Tensor, below: float, r2: float) -> torch.Tensor:
     """``intensity``: (H, W) integer R + G + B. While some pixel not yet suppressed has an
     intensity below ``below``: take the darkest (the first in raster order among equals),
     record it, and suppress the disk dx^2 + dy^2 <= r2 around it. Returns (K,) raster

@@ -2,6 +2,7 @@
 hard negatives: discs of diameter d centred on the darkest remaining pixels.
 
     >>> cand = pyfastscan.mitosis.candidates(rgb, d_um=25, t=0.6, mpp=0.25)   # (K, 2) x, y
+    (also pyfastscan.ops.candidates)
 
 Definition (pyfastscan/reference/candidates.py): the intensity of a pixel is the mean of
 its R, G, B (uint8) over 255. While a pixel not yet suppressed is darker than ``t``: take
@@ -14,14 +15,28 @@ import numpy as np
 import torch
 
 from .. import _native
-from ..errors import BackendUnavailableError, InvalidArgumentError
-from ..reference.candidates import candidates_reference, disk_r2
+from ..backends import Impl, dispatch
+from ..errors import InvalidArgumentError
+from ..reference.candidates import candidates_ref, disk_r2
 
 
 def candidates(image, d_um: float = 25.0, t: float = 0.6, mpp: float = 0.25, backend: str = "auto") -> np.ndarray:
-    """(K, 2) int64 (x, y) pixel positions of the candidates, in the order picked (darkest
-    first). ``image``: (H, W, 3) uint8 RGB (numpy or tensor); ``backend``: "auto", "cpu"
-    (C++) or "torch" (the reference loop)."""
+    """Mitosis candidates of an RGB image.
+
+    Args:
+        image: (H, W, 3) uint8 RGB, numpy or a CPU tensor.
+        d_um: diameter of the suppressed disc in um (Tellez: 25 um).
+        t: intensity threshold in [0, 1] on the mean of R, G, B over 255 (Tellez: 0.6).
+        mpp: micrometres per pixel of ``image``.
+        backend: "auto", "cpu" (C++) or "torch" (the reference loop).
+    Returns:
+        (K, 2) int64 (x, y) pixel positions, in the order picked (darkest first).
+
+    Example:
+        >>> img = np.full((64, 64, 3), 230, np.uint8); img[30:34, 40:44] = 20
+        >>> candidates(img, d_um=10, mpp=0.5).tolist()
+        [[40, 30]]
+    """
     img = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image)
     if img.ndim != 3 or img.shape[2] < 3 or img.dtype != np.uint8:
         raise InvalidArgumentError(f"image must be (H, W, 3) uint8 RGB, got {img.dtype} {img.shape}")
@@ -31,17 +46,18 @@ def candidates(image, d_um: float = 25.0, t: float = 0.6, mpp: float = 0.25, bac
     if not (isinstance(t, (int, float)) and 0 <= t <= 1):
         raise InvalidArgumentError(f"t must be in [0, 1], got {t!r}")
     intensity = img[..., :3].astype(np.uint16).sum(axis=2, dtype=np.uint16)
-    below, r2 = t * 765.0, disk_r2(d_um, mpp)
-    if backend == "auto":
-        backend = "cpu" if _native.cpu() is not None else "torch"
-    if backend == "cpu":
-        mod = _native.cpu()
-        if mod is None:
-            raise BackendUnavailableError(f"cpu backend not built: {_native.cpu_error()}")
-        idx = mod.mitosis_candidates(np.ascontiguousarray(intensity), below, r2)
-    elif backend == "torch":
-        idx = candidates_reference(torch.from_numpy(intensity.astype(np.int64)), below, r2).numpy()
-    else:
-        raise InvalidArgumentError(f"backend must be 'auto', 'cpu' or 'torch', got {backend!r}")
+    idx = dispatch("candidates", backend, _IMPLS, torch.device("cpu"), intensity, t * 765.0, disk_r2(d_um, mpp))
     w = intensity.shape[1]
     return np.stack([idx % w, idx // w], axis=1).astype(np.int64).reshape(-1, 2)
+
+
+def candidates_cpu(intensity: np.ndarray, below: float, r2: float) -> np.ndarray:
+    """C++ (csrc/cpu/candidates_cpu.cpp): one counting sort, then the suppressed discs."""
+    return _native.cpu().mitosis_candidates(np.ascontiguousarray(intensity), below, r2)
+
+
+def _torch(intensity: np.ndarray, below: float, r2: float) -> np.ndarray:
+    return candidates_ref(torch.from_numpy(intensity.astype(np.int64)), below, r2).numpy()
+
+
+_IMPLS = {"torch": Impl(_torch), "cpu": Impl(candidates_cpu)}
