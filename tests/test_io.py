@@ -284,3 +284,23 @@ def test_sliderunner_bad_files(tmp_path):
     (tmp_path / "cut.sqlite").write_bytes(data[:len(data) // 2])
     with pytest.raises(AnnotationError, match="cut.sqlite"):
         read_sliderunner_points(tmp_path / "cut.sqlite", "a.svs")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=8))
+def test_fuzz_sliderunner_raises_only_annotation_errors(tmp_path, flips):
+    """Bytes of a valid database overwritten at random: points come back or an
+    AnnotationError names the file; nothing else escapes."""
+    good = tmp_path / "good.sqlite"
+    if not good.exists():
+        _sliderunner(good)
+    data = bytearray(good.read_bytes())
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    bad = tmp_path / "fuzz.sqlite"
+    bad.write_bytes(bytes(data))
+    try:
+        pts = read_sliderunner_points(bad, "a.svs")
+        assert pts.ndim == 2 and pts.shape[1] == 2
+    except AnnotationError as exc:
+        assert "fuzz.sqlite" in str(exc)

@@ -57,13 +57,19 @@ class SlideRunnerDB:
         except sqlite3.DatabaseError as exc:
             raise AnnotationError(f"{self.path}: {exc}") from None
 
+    def _table(self, sql: str, what: str) -> Dict[int, str]:
+        try:
+            return {int(u): str(n) for u, n in self._query(sql)}
+        except (TypeError, ValueError):
+            raise AnnotationError(f"{self.path}: malformed {what} (a uid that is not an integer)") from None
+
     def slides(self) -> Dict[int, str]:
         """uid -> filename."""
-        return {int(u): str(f) for u, f in self._query("SELECT uid, filename FROM Slides")}
+        return self._table("SELECT uid, filename FROM Slides", "Slides table")
 
     def classes(self) -> Dict[int, str]:
         """uid -> class name (for example "Mitotic figure")."""
-        return {int(u): str(n) for u, n in self._query("SELECT uid, name FROM Classes")}
+        return self._table("SELECT uid, name FROM Classes", "Classes table")
 
     def _uid(self, table: str, value: Union[int, str], names: Dict[int, str], what: str) -> int:
         if isinstance(value, int):
@@ -87,7 +93,10 @@ class SlideRunnerDB:
                            "JOIN Annotations_coordinates ac ON ac.annoId = a.uid "
                            "WHERE a.slide = ? AND a.agreedClass = ?" + deleted + " GROUP BY a.uid ORDER BY a.uid",
                            (s, c))
-        pts = np.array([(x, y) for _, x, y in rows], dtype=np.float64).reshape(-1, 2)
+        try:
+            pts = np.array([(x, y) for _, x, y in rows], dtype=np.float64).reshape(-1, 2)
+        except (TypeError, ValueError):
+            pts = np.array([np.nan])
         if not np.isfinite(pts).all():
             raise AnnotationError(f"{self.path}: non-numeric coordinates for slide {slide!r}, class {cls!r}")
         return pts
