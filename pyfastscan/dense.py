@@ -230,6 +230,12 @@ class DenseModel(nn.Module):
             raise RuntimeError(f"dense map {tuple(out.shape[-2:])} != geometry {expected} ({self.plan} plan)")
         return out.float() if self.precision == "bf16" else out
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """dtype to give forward: the parameters' (float32 for bf16, cast inside forward)."""
+        param = next(self.parameters(), None)
+        return torch.float32 if param is None or self.precision == "bf16" else param.dtype
+
     def _walk(self, side: int):
         """(module, output side, output channels) of every layer for a side x side input, after the padding forward adds to reach whole groups; first the input itself
         as (None, padded side, input channels)."""

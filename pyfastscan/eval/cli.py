@@ -9,6 +9,7 @@ import numpy as np
 
 from ..io import AnnotationError, rasterize, read_asap_xml
 from ..io.files import write_json
+from ..progress import Progress
 from .classification import roc_auc
 from .detection import detection_score, f1_curve
 from .files import prediction_files, read_labels, read_points, read_points_csv, scan_report
@@ -80,8 +81,7 @@ def _ground_truth(gt: str, name: str, csv_path: str, args) -> Optional[np.ndarra
     """The boolean tumour mask at the evaluation level, or None for a normal slide."""
     d = 2 ** args.level
     xml = os.path.join(gt, name + ".xml")
-    tif = next((os.path.join(gt, name + s) for s in ("_Mask.tif", "_mask.tif") if os.path.isfile(os.path.join(gt, name + s))),
-               None)
+    tif = next((p for p in (os.path.join(gt, name + s) for s in ("_Mask.tif", "_mask.tif")) if os.path.isfile(p)), None)
     if os.path.isfile(xml):
         w, h = _slide_size(name, csv_path, args.slides)
         anns, _ = read_asap_xml(xml)
@@ -105,8 +105,8 @@ def _froc(args) -> int:
     if not os.path.isdir(args.gt):
         raise AnnotationError(f"{args.gt}: no such folder")
     slides, rows = [], []
+    bar = Progress(len(preds), "FROC", unit="slides")
     for i, (name, path) in enumerate(preds.items()):
-        print(f"\rFROC: slide {i + 1}/{len(preds)} {name}          ", end="", file=sys.stderr, flush=True)
         xy, prob = read_points_csv(path)
         tumour = _ground_truth(args.gt, name, path, args)
         labels = itc = None
@@ -117,7 +117,7 @@ def _froc(args) -> int:
         slides.append(s)
         rows.append((name, "tumour" if tumour is not None else "normal", s.n_lesions, len(s.detections),
                      len(s.fp_probs)))
-    print(file=sys.stderr)
+        bar.update(i + 1)
     fps, sens = froc_curve(slides)
     score, at = froc_score(fps, sens, reading=args.reading)
     other = "step" if args.reading == "linear" else "linear"

@@ -44,7 +44,7 @@ def _ring(c) -> np.ndarray:
 
 
 def _crossings(rings: Iterable[np.ndarray], shape: Tuple[int, int], downsample: float) -> np.ndarray:
-    """Parity of even-odd crossings: (H, W) uint8, 1 where a pixel centre is inside an odd
+    """Even-odd inside test: (H, W) bool, True where a pixel centre is inside an odd
     number of the rings. A pixel (r, c) has its centre at ((c + 0.5) * d, (r + 0.5) * d)."""
     h, w = shape
     toggles = np.zeros((h, w + 1), dtype=np.int32)
@@ -63,7 +63,7 @@ def _crossings(rings: Iterable[np.ndarray], shape: Tuple[int, int], downsample: 
             xs = x0 + (rows - y0) * (x1 - x0) / (y1 - y0)
             cols = np.clip(np.ceil(xs), 0, w).astype(np.int64)  # first centre at or right of the edge
             np.add.at(toggles, (rows, cols), 1)
-    return (np.cumsum(toggles, axis=1)[:, :w] & 1).astype(np.uint8)
+    return (np.cumsum(toggles, axis=1)[:, :w] & 1).astype(bool)
 
 
 def rasterize(annotations: Sequence[Annotation], shape: Tuple[int, int], downsample: float = 1.0,
@@ -79,9 +79,9 @@ def rasterize(annotations: Sequence[Annotation], shape: Tuple[int, int], downsam
     exc = [a for a in polys if a.group in exclude_groups]
     mask = np.zeros(shape, dtype=bool)
     for a in inc:
-        mask |= _crossings([a.coords, *a.holes], shape, downsample).astype(bool)
+        mask |= _crossings([a.coords, *a.holes], shape, downsample)
     for a in exc:
-        mask &= ~_crossings([a.coords, *a.holes], shape, downsample).astype(bool)
+        mask &= ~_crossings([a.coords, *a.holes], shape, downsample)
     return mask
 
 

@@ -40,17 +40,12 @@ def _components(values: np.ndarray, threshold: float):
     return ndimage.label(values > threshold)
 
 
-def _at_maxima(values: np.ndarray, labels: np.ndarray, which: np.ndarray) -> List[Tuple[float, int, int]]:
-    """(probability, row, col) of each label in ``which`` at its first maximum in raster order."""
-    return component_maxima(values, labels, which) if len(which) else []
-
-
 def detect_on_map(values: np.ndarray, threshold: float = 0.8) -> List[Tuple[float, int, int]]:
     """Candidates of a whole map in one piece: (probability, row, col) of every component
     of ``values > threshold`` at its maximum. The definition the streaming detector
     must equal."""
     labels, n = _components(values, threshold)
-    return _at_maxima(values, labels, np.arange(1, n + 1))
+    return component_maxima(values, labels)
 
 
 class BandDetector:
@@ -80,7 +75,7 @@ class BandDetector:
         open_ = np.unique(labels[-1])
         open_ = open_[open_ > 0]
         closed = np.setdiff1d(np.arange(1, n + 1), open_)
-        self.found += [(p, buf_row0 + i, j) for p, i, j in _at_maxima(buf, labels, closed)]
+        self.found += [(p, buf_row0 + i, j) for p, i, j in component_maxima(buf, labels, closed)]
         if len(open_):
             keep = np.isin(labels, open_)
             first = int(np.flatnonzero(keep.any(axis=1))[0])
@@ -90,12 +85,10 @@ class BandDetector:
             self.carry = None
 
     def finish(self) -> List[Tuple[float, int, int]]:
-        """Close every open component; returns all candidates found so far."""
+        """Close every open component (a zero row after the last one seen); returns all
+        candidates found so far."""
         if self.carry is not None:
-            labels, n = _components(self.carry, self.threshold)
-            self.found += [(p, self.carry_row0 + i, j) for p, i, j in
-                           _at_maxima(self.carry, labels, np.arange(1, n + 1))]
-            self.carry = None
+            self.feed(self.carry_row0 + len(self.carry), np.zeros((1, self.n_cols), dtype=self.carry.dtype))
         return self.found
 
 

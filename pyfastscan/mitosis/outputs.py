@@ -8,7 +8,6 @@
 """
 import math
 import os
-import sys
 from typing import Dict, Optional
 
 import numpy as np
@@ -17,7 +16,7 @@ from ..io.asap import detections_to_annotations
 from ..io.files import atomic_write, prepare_folder, write_json, write_text
 from ..io.geojson import write_geojson
 from ..ops.hotspot import hotspot_counts
-from ..pipeline.outputs import colour_map, package_versions
+from ..pipeline.outputs import colour_map, run_report
 
 
 def _window_report(st, mpp: float) -> dict:
@@ -78,16 +77,12 @@ def save_mitoses(res, folder: str, command: Optional[str] = None) -> Dict[str, s
     if res.thumbnail is not None:
         paths["hotspot"] = write_hotspot_png(os.path.join(folder, "hotspot.png"), res)
     report = {
-        "slide": res.slide_name, "n_mitoses": len(res.mitoses), "n_candidates": len(res.candidates),
+        "n_mitoses": len(res.mitoses), "n_candidates": len(res.candidates),
         "grade": res.grade, "grade_from": "circle 95th percentile",
         "hotspot_circle": _window_report(res.circle, res.slide_mpp),
         "hotspot_rect_10hpf": _window_report(res.rect, res.slide_mpp),
-        "thresholds": res.params, "slide_size_px": list(res.slide_size), "slide_mpp": res.slide_mpp,
-        "model_geometry": res.geometry, "rois_scanned": res.n_rois, "rois_total": res.n_rois_total,
-        "tissue_area_mm2": res.tissue.area_mm2(res.slide_mpp),
-        "counting_area_mm2": res.count_mask.area_mm2(res.slide_mpp), "timings_s": res.timings,
-        "versions": package_versions(),
-        "command": command if command is not None else " ".join(sys.argv),
+        "thresholds": res.params, "counting_area_mm2": res.count_mask.area_mm2(res.slide_mpp),
+        **run_report(res, command),
     }
     paths["report"] = write_json(os.path.join(folder, "report.json"), report, indent=2)
     return paths

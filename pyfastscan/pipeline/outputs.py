@@ -121,6 +121,17 @@ def package_versions() -> Dict[str, str]:
             "python": platform.python_version()}
 
 
+def run_report(result, command: Optional[str] = None) -> dict:
+    """The report.json entries every slide job shares (the :class:`SlideRun` fields)."""
+    return {
+        "slide": result.slide_name, "slide_size_px": list(result.slide_size), "slide_mpp": result.slide_mpp,
+        "model_geometry": result.geometry, "rois_scanned": result.n_rois, "rois_total": result.n_rois_total,
+        "tissue_area_mm2": result.tissue.area_mm2(result.slide_mpp), "tissue_mask_downsample": result.tissue.downsample,
+        "timings_s": result.timings, "versions": package_versions(),
+        "command": command if command is not None else " ".join(sys.argv),
+    }
+
+
 def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtype: str = "uint8") -> Dict[str, str]:
     prepare_folder(folder)
     paths = {}
@@ -139,17 +150,11 @@ def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtyp
     paths["contours_xml"] = write_asap_xml(os.path.join(folder, "heatmap_contours.xml"), outline)
 
     report = {
-        "slide": result.slide_name, "score": result.score, "n_detections": len(dets),
-        "slide_size_px": list(result.slide_size), "slide_mpp": result.slide_mpp, "scan_mpp": result.scan_mpp,
+        "score": result.score, "n_detections": len(dets), "scan_mpp": result.scan_mpp,
         "heatmap": {"shape": list(result.heatmap.shape), "stride_px": result.stride_px,
                     "origin_px": list(result.origin_px),
                     "note": "cell (i, j) is the patch centred at origin + (j, i) * stride, level-0 pixels"},
-        "model_geometry": result.geometry, "rois_scanned": result.n_rois, "rois_total": result.n_rois_total,
-        "rois_resumed": result.n_rois_resumed,
-        "tissue_area_mm2": result.tissue.area_mm2(result.slide_mpp),
-        "tissue_mask_downsample": result.tissue.downsample, "timings_s": result.timings,
-        "versions": package_versions(),
-        "command": command if command is not None else " ".join(sys.argv),
+        "rois_resumed": result.n_rois_resumed, **run_report(result, command),
     }
     paths["report"] = write_json(os.path.join(folder, "report.json"), report, indent=2)
     return paths

@@ -11,7 +11,6 @@ Map cell (i, j) is the patch whose top-left corner is (j, i) * step at the scan 
 import contextlib
 import math
 import os
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dense import DenseModel, to_dense
+from ..progress import Progress
 from ..errors import InvalidArgumentError
 from ..slide.reader import Slide, open_slide
 from ..slide.tissue import TissueMask, otsu_tissue_mask, user_tissue_mask
@@ -77,34 +77,6 @@ class ScanResult(SlideRun):
         return save_result(self, folder, command, heatmap_dtype)
 
 
-class _Progress:
-    """ROIs done, rate and ETA on stderr: one line rewritten in place on a terminal; on a
-    pipe or log file, a new line every 10 s (and at the end)."""
-
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.total, self.label, self.enabled = total, label, enabled and total > 0
-        self.tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-        self.start = time.perf_counter()
-        self.last = 0.0
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if done < self.total and now - self.last < (0.5 if self.tty else 10.0):
-            return
-        self.last = now
-        elapsed = now - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        line = f"{self.label}: {done}/{self.total} ROIs, {rate:.2f} ROI/s, ETA {eta:.0f} s"
-        if self.tty:
-            sys.stderr.write(f"\r{line}   " + ("\n" if done >= self.total else ""))
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-
 def _positive_int(name, v):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise InvalidArgumentError(f"{name} must be a positive int, got {v!r}")
@@ -138,8 +110,7 @@ def choose_roi_outputs(dense: DenseModel, budget: int, workers: int = 2, limit: 
     layout reorders and workspaces come on top of the tensors PyTorch holds (oneDNN on
     this project's CPU peaked at 1.3-1.9x them, measured with VmHWM)."""
     g = dense.geometry
-    param = next(dense.parameters(), None)
-    item = param.element_size() if param is not None and dense.precision != "bf16" else 4
+    item = torch.empty(0, dtype=dense.input_dtype).element_size()
 
     def need(L):
         side = g.input_side(L)
@@ -263,8 +234,7 @@ def infer_rois(job: ScanJob, todo: list, *, device, positive_class: int, workers
     level_ds = s.handle.level_downsamples[job.level]
 
     softmax = not (len(dense.layers) and isinstance(dense.layers[-1], nn.Softmax))
-    param = next(dense.parameters(), None)
-    in_dtype = torch.float32 if param is None or dense.precision == "bf16" else param.dtype
+    in_dtype = dense.input_dtype
     on_cpu = torch.device(device).type == "cpu"
 
     def read(roi):
@@ -274,7 +244,7 @@ def infer_rois(job: ScanJob, todo: list, *, device, positive_class: int, workers
         t = torch.from_numpy(_read_scan_region(s, x, y, wi, hi, job.scan_ds, job.level, level_ds))
         return t.permute(2, 0, 1)[None].to(in_dtype).div_(255) if on_cpu else t
 
-    bar = _Progress(len(todo), label, progress)
+    bar = Progress(len(todo), label, progress, unit="ROIs")
     with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
         pending = deque()
         it = iter(todo)

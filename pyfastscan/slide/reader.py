@@ -52,9 +52,9 @@ class Slide:
         """RGB uint8 (h, w, 3) of the region whose top-left corner is (x, y) in level-0
         pixels, w x h pixels of ``level``; transparent (unscanned) pixels become white."""
         region = np.asarray(self.handle.read_region((int(x), int(y)), level, (int(w), int(h))))
-        if region.ndim != 3 or region.shape[2] != 4 or region[..., 3].min() == 255:
-            return np.ascontiguousarray(region[..., :3])
         rgb = np.ascontiguousarray(region[..., :3])
+        if region.ndim != 3 or region.shape[2] != 4 or region[..., 3].min() == 255:
+            return rgb
         part = region[..., 3] < 255  # composite on white, only where not opaque
         c, w = rgb[part].astype(np.uint16), region[..., 3][part][:, None].astype(np.uint16)
         rgb[part] = (c * w + 255 * (255 - w) + 127) // 255
