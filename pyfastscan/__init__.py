@@ -15,6 +15,9 @@ from .slide import SlideError, open_slide  # noqa: E402
 from . import mitosis  # noqa: E402
 from .mitosis import MitosisResult, detect_mitoses  # noqa: E402
 from .weights import WeightsError, load_weights  # noqa: E402
+from . import eval, io, models  # noqa: E402,A004
+from .models import ModelCard, load_model, save_model  # noqa: E402
 
 __all__ = ["build_info", "nn", "ops", "to_dense", "geometry", "Geometry", "DenseModel", "load_weights", "WeightsError", "PyfastscanError", "InvalidArgumentError", "BackendUnavailableError",
-           "scan_slide", "ScanResult", "open_slide", "SlideError", "mitosis", "detect_mitoses", "MitosisResult", "__version__"]
+           "scan_slide", "ScanResult", "open_slide", "SlideError", "mitosis", "detect_mitoses", "MitosisResult", "models", "io", "eval",
+           "save_model", "load_model", "ModelCard", "__version__"]

@@ -1,11 +1,11 @@
-"""Command line: `pyfastscan info`, `demo`, `scan`, `mitosis`, `evaluate`."""
+"""Command line: `pyfastscan info`, `demo`, `models`, `scan`, `mitosis`, `export`, `evaluate`."""
 import argparse
 import json
 import os
 import shlex
 import sys
+import warnings
 
-ARCHS = ("vgg16_fcn", "tellez_cnn")
 CHECKPOINT = ".pyfastscan-scan.ckpt"  # in each slide's output folder while its scan runs
 
 
@@ -17,7 +17,37 @@ def _common(args) -> dict:
     """scan_slide / detect_mitoses keyword arguments both jobs take from the command line."""
     return dict(alpha=args.alpha, mpp=args.mpp, device=args.device, precision=args.precision,
                 roi_outputs=args.roi_outputs, memory=args.memory_mib << 20 if args.memory_mib else None,
-                progress=not args.quiet)
+                progress=not args.quiet, mode=args.mode, patch=args.patch, stride=args.stride,
+                batch_size=args.batch_size)
+
+
+def _warn_line(message, category, filename, lineno, file=None, line=None):
+    print(f"pyfastscan: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _load_cli_model(args):
+    """The classifier from --weights: its architecture, classes, resolution, normalisation and
+    patch grid from the file's metadata; --arch, --arch-kwargs, --num-classes, --mpp,
+    --positive-class, --patch and --stride override it, with a warning where they contradict
+    it. Returns the model (with its card)."""
+    from .models import load_model
+    from .models.files import CARD_ATTR, card_of, override_card
+
+    kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"--arch-kwargs must be a JSON object, got {args.arch_kwargs!r}")
+    if args.num_classes is not None:
+        kwargs = dict(kwargs or {}, num_classes=args.num_classes)
+    from .models.files import read_card
+
+    file_card = read_card(args.weights)
+    if file_card is not None and args.arch in (None, file_card.arch) and kwargs is not None:
+        kwargs = dict(file_card.arch_kwargs, **kwargs)  # options add to the file's arguments
+    model = load_model(args.weights, arch=args.arch, arch_kwargs=kwargs)
+    card = override_card(card_of(model), "--option", mpp=args.mpp, positive_class=args.positive_class,
+                         patch=args.patch, stride=args.stride)
+    setattr(model, CARD_ATTR, card)
+    return model
 
 
 def _scan_one(slide, out, model, args, command):
@@ -58,16 +88,16 @@ def _slides(args, run_one) -> int:
     Exit status 0 when all succeeded, 1 when any failed, 2 when the weights do not load."""
     import torch
 
-    from . import load_weights, open_slide
+    from . import open_slide
     from .errors import PyfastscanError
     from .io.files import prepare_folder
-    from .models import tellez_cnn, vgg16_fcn
 
     job = args.command
-    model = (vgg16_fcn if args.arch == "vgg16_fcn" else tellez_cnn)(num_classes=args.num_classes)
     try:
-        load_weights(model, args.weights)
-    except (PyfastscanError, OSError) as exc:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn_line
+            model = _load_cli_model(args)
+    except (PyfastscanError, OSError, ValueError) as exc:
         print(f"pyfastscan {job}: cannot load weights {args.weights}: {exc}", file=sys.stderr)
         return 2
     if args.threads:
@@ -104,16 +134,19 @@ def _slides(args, run_one) -> int:
 def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
     p = sub.add_parser(name, help=help)
     p.add_argument("slides", nargs="+", metavar="SLIDE")
-    p.add_argument("--weights", required=True, help=".safetensors or PyTorch checkpoint")
-    p.add_argument("--arch", choices=ARCHS, default=arch)
-    p.add_argument("--num-classes", type=int, default=2)
-    p.add_argument("--alpha", type=int, default=alpha, help=f"dense factor (map step = stride / alpha; default {alpha})")
+    _model_options(p, alpha, f"e.g. {arch}")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per slide when several)")
     p.add_argument("--per-slide-folder", action="store_true", help="use OUT/<slide name> for a single slide too")
     p.add_argument("--mpp", type=float, default=None,
-                   help="scan resolution in um/px (default: level 0); the level-0 resolution of slides without one")
+                   help="scan resolution in um/px (default: the resolution the weights file says the model was "
+                        "trained at, else level 0); the level-0 resolution of slides without one")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--mode", choices=("auto", "dense", "patch"), default="auto",
+                   help="dense (padding-free networks, exact and fast), patch (any network, on every patch), or "
+                        "auto: dense when the network converts, else patch (default auto)")
+    p.add_argument("--batch-size", type=int, default=None, help="patches per batch in patch mode (default: from "
+                                                                "the memory budget)")
     p.add_argument("--roi-outputs", type=_roi_outputs, default="auto",
                    help="L_m': map cells per ROI side (default auto: the largest that fits --memory-mib)")
     p.add_argument("--memory-mib", type=int, default=0,
@@ -124,12 +157,85 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
     return p
 
 
+def _model_options(p, alpha: int, arch_help: str = "") -> None:
+    """The options that say which model a weights file holds and how to scan it."""
+    p.add_argument("--weights", required=True,
+                   help=".safetensors from pyfastscan.save_model (says everything else), a bare state dict or a "
+                        "PyTorch checkpoint (then --arch)")
+    p.add_argument("--arch", default=None,
+                   help="architecture (registry name, see `pyfastscan models`), for files that do not name theirs"
+                        + (f"; {arch_help}" if arch_help else ""))
+    p.add_argument("--arch-kwargs", default=None, metavar="JSON", help='architecture arguments, e.g. \'{"width": 0.5}\'')
+    p.add_argument("--num-classes", type=int, default=None, help="shorthand for --arch-kwargs num_classes")
+    p.add_argument("--positive-class", type=int, default=None,
+                   help="output channel the map shows (default: the weights file's, else 1)")
+    p.add_argument("--patch", type=int, default=None, help="patch mode: patch side in px (default: the file's)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="patch mode: grid stride at alpha 1 in px (default: the file's); the step is stride / alpha")
+    p.add_argument("--alpha", type=int, default=alpha, help=f"dense factor (map step = stride / alpha; default {alpha})")
+
+
+def _models(args) -> int:
+    """`pyfastscan models`: every registered architecture with its geometry and size."""
+    from .dense import geometry
+    from .errors import InvalidArgumentError
+    from .models import create, get_entry, list_models
+
+    rows = []
+    for name in list_models():
+        entry = get_entry(name)
+        try:
+            net = create(name).eval()
+        except Exception as exc:  # a plug-in whose builder needs arguments
+            rows.append(dict(name=name, patch=None, stride=None, parameters=None, mode="?", mpp=entry.mpp,
+                             description=f"({type(exc).__name__}: {exc})"))
+            continue
+        try:
+            g = geometry(net)
+            patch, stride, mode = g.patch, g.stride, "dense"
+        except InvalidArgumentError:
+            patch, stride, mode = entry.patch, entry.stride, "patch"
+        rows.append(dict(name=name, patch=patch, stride=stride, parameters=sum(p.numel() for p in net.parameters()),
+                         mode=mode, mpp=entry.mpp, description=entry.description))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<14} {'patch':>5} {'stride':>6} {'parameters':>11} {'mode':<6} {'mpp':>5}  description")
+    for r in rows:
+        params = f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] is not None else "?"
+        print(f"{r['name']:<14} {r['patch'] or '-':>5} {r['stride'] or '-':>6} {params:>11} {r['mode']:<6} "
+              f"{r['mpp'] if r['mpp'] is not None else '-':>5}  {r['description']}")
+    return 0
+
+
+def _export(args) -> int:
+    """`pyfastscan export`: the dense model for a fixed ROI size as ONNX."""
+    from .errors import PyfastscanError
+    from .export import export_onnx
+    from .models.files import card_of
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn_line
+            model = _load_cli_model(args)
+        card = card_of(model)
+        info = export_onnx(model, args.output, roi_outputs=args.roi_outputs, alpha=args.alpha, plan=args.plan,
+                           normalize=card.normalize if card else None)
+    except (PyfastscanError, OSError, ValueError) as exc:
+        print(f"pyfastscan export: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, OSError) else 2
+    print(f"wrote {info['path']}: input {tuple(info['input_shape'])} -> output {tuple(info['output_shape'])}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pyfastscan", description="Fast, dense CNN inference on whole-slide images.")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print what was built and which backends can run here")
     info.add_argument("--json", action="store_true", help="print the full build_info() as JSON")
     sub.add_parser("demo", help="run the demonstration on bundled / generated data")
+    models = sub.add_parser("models", help="list the registered architectures (patch, stride, parameters)")
+    models.add_argument("--json", action="store_true", help="print the table as JSON")
     scan = _slide_job_parser(sub, "scan", "dense whole-slide scan: heat map, detections, report per slide",
                              "vgg16_fcn", 2)
     scan.add_argument("--resume", action="store_true",
@@ -147,6 +253,12 @@ def main(argv=None) -> int:
     mit.add_argument("--theta2", type=float, default=20, help="grade 2 up to this hotspot count (20), then 3")
     mit.add_argument("--region", default=None,
                      help="count only inside these polygons (ASAP .xml or .geojson, level-0 px), e.g. the tumour")
+    exp = sub.add_parser("export", help="write the dense model for a fixed ROI size as ONNX")
+    _model_options(exp, 1)
+    exp.add_argument("--roi-outputs", type=int, required=True, help="L_m': map cells per ROI side")
+    exp.add_argument("--plan", choices=("minimal", "paper"), default="minimal", help="conversion plan (minimal)")
+    exp.add_argument("--mpp", type=float, default=None, help=argparse.SUPPRESS)
+    exp.add_argument("output", metavar="OUT.onnx")
     from .eval.cli import add_parsers
 
     add_parsers(sub)
@@ -161,6 +273,10 @@ def main(argv=None) -> int:
         from . import demo
 
         return demo.main()
+    if args.command == "models":
+        return _models(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "scan":
         return _slides(args, _scan_one)
     if args.command == "mitosis":

@@ -84,17 +84,16 @@ def build_test_slide(path: str, n_regions: int = 4, seed: int = 0):
 def whole_slide(out_dir: str) -> dict:
     import numpy as np
 
-    from . import load_weights, scan_slide
-    from .demo_train import PATCH, SCAN_MPP, WEIGHTS, demo_model
+    from . import load_model, scan_slide
+    from .demo_train import PATCH, SCAN_MPP, WEIGHTS
 
     os.makedirs(out_dir, exist_ok=True)
     slide_path = os.path.join(out_dir, "demo_slide.tif")
     t = time.perf_counter()
     boxes, mpp = build_test_slide(slide_path)
     t_build = time.perf_counter() - t
-    model = demo_model()
-    load_weights(model, WEIGHTS)
-    res = scan_slide(slide_path, model.eval(), alpha=2, mpp=SCAN_MPP)
+    model = load_model(WEIGHTS)  # the file says: demo_cnn, carcinoma is class 1, trained at 1 um/px
+    res = scan_slide(slide_path, model, alpha=2)
     paths = res.save(os.path.join(out_dir, "scan"), command="pyfastscan demo")
     margin = PATCH / 2 * SCAN_MPP / mpp  # a detection is a patch centre: allow half a patch
     hit = [any(b[0] - margin <= d.x <= b[2] + margin and b[1] - margin <= d.y <= b[3] + margin

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models import demo_cnn, save_model
 from .ops import hed_augment, sample_hed_params
 from .samples import CARCINOMA_MPP, DATA_DIR, carcinoma_image, skin_slide_path
 
@@ -29,13 +30,8 @@ WEIGHTS = os.path.join(DATA_DIR, "demo_model.safetensors")
 
 
 def demo_model() -> nn.Sequential:
-    """Padding-free: patch 38 px, stride 8 (at SCAN_MPP)."""
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3), nn.ReLU(),
-        nn.Conv2d(32, 2, 1))
+    """Padding-free: patch 38 px, stride 8 (at SCAN_MPP); ``pyfastscan.models.demo_cnn``."""
+    return demo_cnn()
 
 
 def resize(rgb: np.ndarray, scale: float) -> np.ndarray:
@@ -166,17 +162,21 @@ def train(steps: int = 3000, batch: int = 128, seed: int = 0, log=print) -> nn.S
     return model.eval()
 
 
+def save(model: nn.Module, path: str) -> None:
+    """Write the demo model as a self-describing weights file (``pyfastscan scan --weights``
+    needs nothing else)."""
+    save_model(model, path, arch="demo_cnn", classes=["skin", "carcinoma"], positive_class="carcinoma",
+               mpp=SCAN_MPP, extra={"note": "pyfastscan demo model; a demonstration, not a diagnostic model",
+                                    "trained_by": "python -m pyfastscan.demo_train"})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=WEIGHTS)
     ap.add_argument("--steps", type=int, default=3000)
     args = ap.parse_args(argv)
-    from safetensors.torch import save_file
-
     model = train(args.steps)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out,
-              metadata={"note": "pyfastscan demo model; a demonstration, not a diagnostic model",
-                        "trained_by": "python -m pyfastscan.demo_train", "scan_mpp": str(SCAN_MPP)})
+    save(model, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -141,7 +141,9 @@ class MitosisResult(SlideRun):
 
 def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[float] = None, device="cpu",
                    precision: str = "fp32", plan: str = "minimal", tissue_mask=None, tissue_labels=None,
-                   region_mask=None, roi_outputs="auto", memory: Optional[int] = None, positive_class: int = 1,
+                   region_mask=None, roi_outputs="auto", memory: Optional[int] = None,
+                   positive_class: Optional[int] = None, mode: str = "auto", patch: Optional[int] = None,
+                   stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
                    map_threshold: float = 0.8, nms_um: float = 25.0, delta: float = 0.970,
                    theta: Sequence[float] = (6, 20), step_um: float = 8.0, workers: int = 2,
                    progress: bool = True) -> MitosisResult:
@@ -149,7 +151,8 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
 
     Args:
         slide, model, mpp, device, precision, plan, tissue_mask, tissue_labels,
-            roi_outputs, memory, positive_class, workers, progress: as :func:`scan_slide`.
+            roi_outputs, memory, positive_class, mode, patch, stride, normalize, batch_size,
+            workers, progress: as :func:`scan_slide`.
             The default model is ``tellez_cnn`` (gamma 0.6) with trained weights.
         alpha: dense factor; 1 (default) gives the network's own stride (4 px for tellez_cnn).
         region_mask: optional region to count in (default: the tissue mask): a boolean
@@ -169,7 +172,8 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
     with contextlib.ExitStack() as stack:
         job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
                         tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,
-                        memory=memory, workers=workers)
+                        memory=memory, workers=workers, mode=mode, patch=patch, stride=stride, normalize=normalize,
+                        batch_size=batch_size, positive_class=positive_class, progress=progress)
         s, timings = job.slide, job.timings
         det = BandDetector(job.n_cols, map_threshold)
         band, band_row0 = None, -1
@@ -180,9 +184,8 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
                 det.feed(band_row0, band)
                 timings["postprocess"] += time.perf_counter() - t
 
-        for (r0, c0, rows, cols, *_), block in infer_rois(job, job.rois, device=device, positive_class=positive_class,
-                                                          workers=workers, label=f"mitosis {s.name}",
-                                                          progress=progress):
+        for (r0, c0, rows, cols, *_), block in infer_rois(job, job.rois, device=device, workers=workers,
+                                                          label=f"mitosis {s.name}", progress=progress):
             if r0 != band_row0:  # ROIs come row by row: a new ROI row starts a new band
                 flush()
                 band, band_row0 = np.zeros((rows, job.n_cols), dtype=np.float32), r0

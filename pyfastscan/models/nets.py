@@ -68,3 +68,15 @@ def tellez_cnn(gamma: float = 0.6, num_classes: int = 2) -> nn.Sequential:
     layers["dropout"] = nn.Dropout(0.5)
     layers["conv10"] = nn.Conv2d(fc, num_classes, 1)
     return nn.Sequential(layers)
+
+
+def demo_cnn(num_classes: int = 2) -> nn.Sequential:
+    """The bundled demo model's network (pyfastscan.demo_train): four 3x3 convolutions
+    (16, 32, 32, 32 filters), ReLU, three 2x2 max pools, a 1x1 classifier. Padding-free:
+    patch 38 px, stride 8; trained at 1 um/px."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3), nn.ReLU(),
+        nn.Conv2d(32, num_classes, 1))

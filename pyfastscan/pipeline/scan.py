@@ -11,6 +11,7 @@ Map cell (i, j) is the patch whose top-left corner is (j, i) * step at the scan 
 import contextlib
 import math
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dense import DenseModel, to_dense
+from ..dense import DenseModel
 from ..progress import Progress
 from ..errors import InvalidArgumentError
 from ..slide.reader import Slide, open_slide
@@ -126,14 +127,14 @@ def choose_roi_outputs(dense: DenseModel, budget: int, workers: int = 2, limit: 
     return lo
 
 
-def _scan_key(s: Slide, dense: DenseModel, scan_mpp: float, L: int, positive_class: int) -> dict:
+def _scan_key(job: "ScanJob") -> dict:
     """Everything that changes the map of a scan: a checkpoint resumes only under the same key."""
     from .checkpoint import weights_digest
 
-    g = dense.geometry
+    s, dense, g = job.slide, job.dense, job.dense.geometry
     return dict(slide=os.path.basename(str(s.name)), slide_size=list(s.dimensions), slide_mpp=s.mpp,
-                scan_mpp=scan_mpp, patch=g.patch, stride=g.stride, alpha=g.alpha, plan=dense.plan,
-                precision=dense.precision, roi_outputs=L, positive_class=positive_class,
+                scan_mpp=job.scan_mpp, patch=g.patch, stride=g.stride, alpha=g.alpha, mode=job.mode, plan=dense.plan,
+                precision=dense.precision, roi_outputs=job.roi_outputs, positive_class=job.positive_class,
                 weights=weights_digest(dense))
 
 
@@ -158,6 +159,9 @@ class ScanJob:
     level: int
     timings: Dict[str, float]
     t0: float
+    mode: str = "dense"
+    positive_class: int = 1
+    note: Optional[str] = None
 
     @property
     def stride_px(self) -> float:
@@ -175,17 +179,23 @@ class ScanJob:
         g = self.dense.geometry
         self.timings["total"] = time.perf_counter() - self.t0
         return dict(slide_name=self.slide.name, slide_mpp=self.slide.mpp, slide_size=self.slide.dimensions,
-                    geometry=dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, plan=self.dense.plan,
-                                  precision=self.dense.precision, roi_outputs=self.roi_outputs),
+                    geometry=dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, mode=self.mode,
+                                  plan=self.dense.plan, precision=self.dense.precision, roi_outputs=self.roi_outputs,
+                                  positive_class=self.positive_class),
                     tissue=self.tissue, n_rois=len(self.rois), n_rois_total=self.n_total, timings=self.timings,
                     thumbnail=self.thumbnail, thumbnail_downsample=self.thumbnail_downsample)
 
 
 def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: int, mpp: Optional[float], device,
               precision: str, plan: str, tissue_mask, tissue_labels, roi_outputs, memory: Optional[int],
-              workers: int) -> ScanJob:
-    """Open ``slide`` (closed by ``stack`` if opened here), make the dense model, find the
-    tissue and plan the ROIs. Arguments as :func:`scan_slide`."""
+              workers: int, mode: str = "auto", patch: Optional[int] = None, stride: Optional[int] = None,
+              normalize=None, batch_size: Optional[int] = None, positive_class: Optional[int] = None,
+              progress: bool = False) -> ScanJob:
+    """Open ``slide`` (closed by ``stack`` if opened here), make the scanner (dense or
+    patch mode, :func:`make_scanner`), find the tissue and plan the ROIs. Arguments as
+    :func:`scan_slide`."""
+    from .scanner import make_scanner
+
     timings = {"open": 0.0, "tissue": 0.0, "read_wait": 0.0, "infer": 0.0, "postprocess": 0.0}
     t0 = time.perf_counter()
     opened = not isinstance(slide, Slide)
@@ -195,15 +205,21 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     if roi_outputs != "auto":
         _positive_int("roi_outputs", roi_outputs)
     _positive_int("workers", workers)
+    budget = memory if memory is not None else memory_budget(device)
+    sc = make_scanner(model, mode=mode, alpha=alpha, plan=plan, precision=precision, normalize=normalize,
+                      patch=patch, stride=stride, batch_size=batch_size, positive_class=positive_class, memory=budget)
+    if sc.note and progress:
+        print(f"pyfastscan: {sc.note}", file=sys.stderr, flush=True)
+    if mpp is None and sc.card is not None and sc.card.mpp is not None:
+        mpp = sc.card.mpp  # the resolution the model was trained at
     scan_mpp = float(mpp) if mpp is not None else s.mpp
     scan_ds = scan_mpp / s.mpp
     if scan_ds < 0.999:
         raise InvalidArgumentError(f"{s.name}: cannot scan at {scan_mpp} um/px, finer than level 0 ({s.mpp} um/px)")
-    dense = model if isinstance(model, DenseModel) else to_dense(model.eval(), alpha, plan=plan, precision=precision)
-    dense = dense.to(device)
+    dense = sc.model.to(device)
     g = dense.geometry
     if roi_outputs == "auto":
-        roi_outputs = choose_roi_outputs(dense, memory if memory is not None else memory_budget(device), workers)
+        roi_outputs = choose_roi_outputs(dense, budget, workers)
     w0, h0 = s.dimensions
     scan_w, scan_h = int(w0 / scan_ds), int(h0 / scan_ds)
     n_rows, n_cols = g.output_side(scan_h), g.output_side(scan_w)
@@ -223,17 +239,18 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     timings["tissue"] = time.perf_counter() - t
     rois, n_total = _plan_rois(g, n_rows, n_cols, roi_outputs, tissue, scan_ds)
     return ScanJob(s, dense, scan_mpp, scan_ds, n_rows, n_cols, roi_outputs, tissue, thumb, thumb_ds, rois, n_total,
-                   s.best_level(scan_ds), timings, t0)
+                   s.best_level(scan_ds), timings, t0, sc.mode, sc.positive_class, sc.note)
 
 
-def infer_rois(job: ScanJob, todo: list, *, device, positive_class: int, workers: int, label: str, progress: bool):
+def infer_rois(job: ScanJob, todo: list, *, device, workers: int, label: str, progress: bool):
     """Yield (roi, probability block) for each ROI of ``todo`` in order: ROIs are read by
     ``workers`` background threads (at most workers + 1 ahead) while the model runs;
     read waits and inference time go into job.timings."""
     dense, s, timings = job.dense, job.slide, job.timings
     level_ds = s.handle.level_downsamples[job.level]
 
-    softmax = not (len(dense.layers) and isinstance(dense.layers[-1], nn.Softmax))
+    softmax = not dense.ends_with_softmax
+    positive_class = job.positive_class
     in_dtype = dense.input_dtype
     on_cpu = torch.device(device).type == "cpu"
 
@@ -272,27 +289,39 @@ def infer_rois(job: ScanJob, todo: list, *, device, positive_class: int, workers
 
 
 def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] = None, device="cpu",
-               precision: str = "fp32", plan: str = "minimal", tissue_mask=None, tissue_labels=None,
-               roi_outputs="auto", memory: Optional[int] = None, positive_class: int = 1,
-               threshold: float = 0.5, workers: int = 2, checkpoint: Optional[str] = None,
-               resume: bool = False, progress: bool = True) -> ScanResult:
-    """Dense scan of a whole slide with a padding-free patch classifier.
+               precision: str = "fp32", plan: str = "minimal", mode: str = "auto", patch: Optional[int] = None,
+               stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
+               tissue_mask=None, tissue_labels=None, roi_outputs="auto", memory: Optional[int] = None,
+               positive_class: Optional[int] = None, threshold: float = 0.5, workers: int = 2,
+               checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True) -> ScanResult:
+    """Whole-slide scan with any patch classifier: dense when it is padding-free, patch by
+    patch otherwise, the same map either way (DESIGN.md 6.2).
 
     Args:
         slide: a path (OpenSlide) or an object with OpenSlide's reading interface, or an
             opened :class:`pyfastscan.slide.Slide`.
-        model: the patch classifier (e.g. ``vgg16_fcn`` with trained weights). Input is RGB
-            scaled to [0, 1]; its output channels are logits (a softmax is applied) unless
-            its last layer is a Softmax.
+        model: the patch classifier: ``pyfastscan.load_model``'s (its weights file says how
+            to scan it), any ``nn.Module``, or a DenseModel / PatchModel. Input is RGB
+            scaled to [0, 1] (then ``normalize``); its output channels are logits (a
+            softmax is applied) unless its last layer is a Softmax. Not modified.
         alpha: dense factor; the map's step is S_p / alpha pixels at the scan level.
-        mpp: scan resolution in um/px (default: the slide's level 0). For a slide with no
+        mpp: scan resolution in um/px (default: the resolution the model's weights file
+            says it was trained at, else the slide's level 0). For a slide with no
             resolution of its own, mpp is taken as its level-0 resolution.
-        device, precision, plan: where and how the dense model runs (see to_dense).
+        device, precision, plan: where and how the model runs (see to_dense).
+        mode: "auto" (dense when the network converts, else patch mode, with one line
+            saying why), "dense" or "patch".
+        patch, stride: patch mode's patch side and grid stride at alpha 1 (default: the
+            weights file's); the step is stride / alpha.
+        normalize: (mean, std) per channel of the [0, 1] input (default: the weights
+            file's); folded into the first convolution in dense mode.
+        batch_size: patches per batch in patch mode (default: from ``memory``).
         tissue_mask: None (Otsu on a thumbnail), or a mask image at any downsample
             (nonzero = tissue, or label values in ``tissue_labels``).
         roi_outputs: L_m', map cells per ROI side, or "auto": the largest (up to 256) whose
             activations fit ``memory`` bytes (default :func:`memory_budget` of the device).
         memory: the byte budget for roi_outputs="auto".
+        positive_class: the output channel the map shows (default: the weights file's, else 1).
         threshold: probability for detections (paper: 0.5).
         workers: background threads reading ROIs ahead of the model.
         checkpoint: a file where each finished ROI is appended as soon as it is computed.
@@ -306,15 +335,15 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
     with contextlib.ExitStack() as stack:
         job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
                         tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,
-                        memory=memory, workers=workers)
+                        memory=memory, workers=workers, mode=mode, patch=patch, stride=stride, normalize=normalize,
+                        batch_size=batch_size, positive_class=positive_class, progress=progress)
         s, rois, timings = job.slide, job.rois, job.timings
         heat = np.zeros((job.n_rows, job.n_cols), dtype=np.float32)  # pages never written stay unallocated
         log = None
         if checkpoint is not None:
             from .checkpoint import RoiLog
 
-            log = RoiLog(os.fspath(checkpoint), _scan_key(s, job.dense, job.scan_mpp, job.roi_outputs, positive_class),
-                         resume)
+            log = RoiLog(os.fspath(checkpoint), _scan_key(job), resume)
             stack.callback(log.close)
             log.restore(heat)
             finished = log.done()
@@ -325,8 +354,8 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
             todo = rois
         n_resumed = len(rois) - len(todo)
         label = f"scan {s.name}" + (f" (resuming: {n_resumed} ROIs done before)" if n_resumed else "")
-        for (r0, c0, rows, cols, *_), block in infer_rois(job, todo, device=device, positive_class=positive_class,
-                                                          workers=workers, label=label, progress=progress):
+        for (r0, c0, rows, cols, *_), block in infer_rois(job, todo, device=device, workers=workers, label=label,
+                                                          progress=progress):
             heat[r0:r0 + rows, c0:c0 + cols] = block
             if log is not None:
                 log.append(r0, c0, block)
