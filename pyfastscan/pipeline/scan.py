@@ -53,6 +53,7 @@ class SlideRun:
     timings: Dict[str, float]
     thumbnail: Optional[np.ndarray] = field(repr=False)
     thumbnail_downsample: float
+    model: dict  # what was scanned and how: mode, the weights file's card (see ScanJob.model_info)
 
 
 @dataclass
@@ -162,6 +163,7 @@ class ScanJob:
     mode: str = "dense"
     positive_class: int = 1
     note: Optional[str] = None
+    card: Optional[object] = None  # the model's ModelCard, if its weights file had one
 
     @property
     def stride_px(self) -> float:
@@ -183,7 +185,21 @@ class ScanJob:
                                   plan=self.dense.plan, precision=self.dense.precision, roi_outputs=self.roi_outputs,
                                   positive_class=self.positive_class),
                     tissue=self.tissue, n_rois=len(self.rois), n_rois_total=self.n_total, timings=self.timings,
-                    thumbnail=self.thumbnail, thumbnail_downsample=self.thumbnail_downsample)
+                    thumbnail=self.thumbnail, thumbnail_downsample=self.thumbnail_downsample, model=self.model_info())
+
+    def model_info(self) -> dict:
+        """The model as report.json records it: mode (and why patch mode), and what its
+        weights file said (architecture, classes, positive class, training resolution,
+        normalisation), when it said it."""
+        info = dict(mode=self.mode, positive_class=self.positive_class)
+        if self.note:
+            info["note"] = self.note
+        if self.card is not None:
+            c = self.card
+            info.update(arch=c.arch, arch_kwargs=c.arch_kwargs, classes=list(c.classes), trained_mpp=c.mpp,
+                        normalize=None if c.normalize is None else dict(mean=list(c.normalize[0]),
+                                                                         std=list(c.normalize[1])))
+        return info
 
 
 def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: int, mpp: Optional[float], device,
@@ -239,7 +255,7 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     timings["tissue"] = time.perf_counter() - t
     rois, n_total = _plan_rois(g, n_rows, n_cols, roi_outputs, tissue, scan_ds)
     return ScanJob(s, dense, scan_mpp, scan_ds, n_rows, n_cols, roi_outputs, tissue, thumb, thumb_ds, rois, n_total,
-                   s.best_level(scan_ds), timings, t0, sc.mode, sc.positive_class, sc.note)
+                   s.best_level(scan_ds), timings, t0, sc.mode, sc.positive_class, sc.note, sc.card)
 
 
 def infer_rois(job: ScanJob, todo: list, *, device, workers: int, label: str, progress: bool):
