@@ -76,6 +76,33 @@ def test_stitched_map_equals_one_roi_and_the_patch_loop():
     assert np.all(np.abs(tiled.heatmap.astype(np.float64) - loop) <= 2 * bound + store)
 
 
+def test_map_does_not_depend_on_the_roi_size():
+    """Cells whose patch touches no tissue are 0 whatever L_m' is (DESIGN.md 6.2); the
+    others are the same float64 sums, within the propagated rounding bound of each run."""
+    model, img = _model(), np.tile(_image(), (2, 2, 1))
+    mask = np.zeros((34, 29), dtype=bool)  # downsample 10: a partial tissue region
+    mask[5:14, 4:12] = True
+    mask[20:30, 15:27] = True
+    kw = dict(alpha=2, tissue_mask=mask, progress=False)
+    maps = [scan_slide(ArraySlide(img), model, roi_outputs=L, **kw) for L in (8, 20, "auto")]
+    g = to_dense(model, 2).geometry
+    ds = maps[0].tissue.downsample
+    n_rows, n_cols = maps[0].heatmap.shape
+    touch = np.array([[mask[max(0, int(i * g.step // ds)):int(np.ceil((i * g.step + g.patch) / ds)),
+                            max(0, int(j * g.step // ds)):int(np.ceil((j * g.step + g.patch) / ds))].any()
+                       for j in range(n_cols)] for i in range(n_rows)])
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255
+    loop = torch.softmax(patch_loop(model, x, g.patch, g.step), dim=1)[0, 1].numpy()
+    crops = torch.cat([x[:, :, i * g.step:i * g.step + g.patch, j * g.step:j * g.step + g.patch]
+                       for i in range(n_rows) for j in range(n_cols)])
+    bound = network_error_bound(_flatten(model), crops, torch.float64).amax(dim=1).reshape(loop.shape).numpy()
+    store = 2.0 ** -24 * np.abs(loop)
+    for res in maps:
+        assert np.all(res.heatmap[~touch] == 0)
+        assert np.all(np.abs(res.heatmap[touch].astype(np.float64) - loop[touch]) <= (2 * bound + store)[touch])
+    assert len({r.n_rois for r in maps}) > 1  # the ROI sizes really differed
+
+
 def test_background_rois_are_skipped_and_zero():
     img = np.full((300, 280, 3), 240, dtype=np.uint8)
     img[100:200, 90:190] = _image()[20:120, 15:115]

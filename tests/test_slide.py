@@ -1,6 +1,8 @@
 """Slide reading: the tifffile fallback for TIFFs OpenSlide refuses, and SubIFD pyramids
 (OME-TIFF) that OpenSlide does not see (DESIGN.md 2.4)."""
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 import torch
 
@@ -103,3 +105,15 @@ def test_a_corrupt_strip_is_a_slide_error_naming_the_file(tmp_path):
     with pytest.raises(SlideError, match=r"bad\.tif: segment 1 of level 0"):
         s.read(0, 60, 50, 50)
     s.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 20), st.integers(1, 20), st.floats(0.5, 7), st.floats(0.1, 40), st.integers(0, 2**32 - 1))
+def test_boxes_touching_equals_any_in(h, w, ds, side, seed):
+    from pyfastscan.slide.tissue import TissueMask
+
+    rng = np.random.default_rng(seed)
+    tm = TissueMask(rng.random((h, w)) < 0.05, ds)
+    xs, ys = rng.uniform(-20, 150, 7), rng.uniform(-20, 150, 5)
+    ref = np.array([[tm.any_in(x, y, x + side, y + side) for x in xs] for y in ys])
+    assert np.array_equal(tm.boxes_touching(xs, ys, side), ref)

@@ -176,6 +176,14 @@ class ScanJob:
         c = self.dense.geometry.patch / 2 * self.scan_ds
         return (c, c)
 
+    def cells_on_tissue(self, roi) -> np.ndarray:
+        """(rows, cols) bool of a ROI's map cells whose patch touches tissue: the others are
+        0 (no data), so the map does not depend on how the ROIs tile it."""
+        r0, c0, rows, cols = roi[:4]
+        g, ds = self.dense.geometry, self.scan_ds
+        return self.tissue.boxes_touching((c0 + np.arange(cols)) * g.step * ds, (r0 + np.arange(rows)) * g.step * ds,
+                                          g.patch * ds)
+
     def run_info(self) -> dict:
         """The :class:`SlideRun` fields of this job (timings finished with the total)."""
         g = self.dense.geometry
@@ -298,6 +306,7 @@ def infer_rois(job: ScanJob, todo: list, *, device, workers: int, label: str, pr
                 x = x.to(device).permute(2, 0, 1)[None].to(in_dtype).div_(255)
             out = dense(x)
             block = (F.softmax(out, dim=1) if softmax else out)[0, positive_class].float().cpu().numpy()
+            block[~job.cells_on_tissue(roi)] = 0  # no-data, whatever the ROI size (DESIGN.md 6.2)
             timings["infer"] += time.perf_counter() - t
             yield roi, block
             done += 1
