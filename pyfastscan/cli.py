@@ -141,7 +141,9 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
                    help="scan resolution in um/px (default: the resolution the weights file says the model was "
                         "trained at, else level 0); the level-0 resolution of slides without one")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16"), default="auto",
+                   help="auto (default): bf16 on a CPU with AMX or a CUDA device of compute capability >= 8.0, "
+                        "else fp32; fp32 is true fp32 on CUDA too; tf32 allows CUDA's TF32")
     p.add_argument("--mode", choices=("auto", "dense", "patch"), default="auto",
                    help="dense (padding-free networks, exact and fast), patch (any network, on every patch), or "
                         "auto: dense when the network converts, else patch (default auto)")
@@ -267,7 +269,12 @@ def main(argv=None) -> int:
         from .backends import build_info, format_build_info
 
         info = build_info()
-        print(json.dumps(info, indent=2) if args.json else format_build_info(info))
+        from .precision import auto_precision
+
+        prec, why = auto_precision("cpu")
+        info["precision_auto"] = {"cpu": {"precision": prec, "reason": why}}
+        print(json.dumps(info, indent=2) if args.json else
+              format_build_info(info) + f"\nprecision auto on the CPU: {prec} ({why})")
         return 0
     if args.command == "demo":
         from . import demo

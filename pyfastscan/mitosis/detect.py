@@ -140,7 +140,7 @@ class MitosisResult(SlideRun):
 
 
 def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[float] = None, device="cpu",
-                   precision: str = "fp32", plan: str = "minimal", tissue_mask=None, tissue_labels=None,
+                   precision: str = "auto", plan: str = "minimal", tissue_mask=None, tissue_labels=None,
                    region_mask=None, roi_outputs="auto", memory: Optional[int] = None,
                    positive_class: Optional[int] = None, mode: str = "auto", patch: Optional[int] = None,
                    stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,

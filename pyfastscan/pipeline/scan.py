@@ -135,7 +135,7 @@ def _scan_key(job: "ScanJob") -> dict:
     s, dense, g = job.slide, job.dense, job.dense.geometry
     return dict(slide=os.path.basename(str(s.name)), slide_size=list(s.dimensions), slide_mpp=s.mpp,
                 scan_mpp=job.scan_mpp, patch=g.patch, stride=g.stride, alpha=g.alpha, mode=job.mode, plan=dense.plan,
-                precision=dense.precision, roi_outputs=job.roi_outputs, positive_class=job.positive_class,
+                precision=job.precision, roi_outputs=job.roi_outputs, positive_class=job.positive_class,
                 weights=weights_digest(dense))
 
 
@@ -164,6 +164,8 @@ class ScanJob:
     positive_class: int = 1
     note: Optional[str] = None
     card: Optional[object] = None  # the model's ModelCard, if its weights file had one
+    precision: str = "fp32"  # what ran: fp32, tf32 or bf16 ("auto" resolved)
+    precision_reason: str = "requested"
 
     @property
     def stride_px(self) -> float:
@@ -190,7 +192,7 @@ class ScanJob:
         self.timings["total"] = time.perf_counter() - self.t0
         return dict(slide_name=self.slide.name, slide_mpp=self.slide.mpp, slide_size=self.slide.dimensions,
                     geometry=dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, mode=self.mode,
-                                  plan=self.dense.plan, precision=self.dense.precision, roi_outputs=self.roi_outputs,
+                                  plan=self.dense.plan, precision=self.precision, roi_outputs=self.roi_outputs,
                                   positive_class=self.positive_class),
                     tissue=self.tissue, n_rois=len(self.rois), n_rois_total=self.n_total, timings=self.timings,
                     thumbnail=self.thumbnail, thumbnail_downsample=self.thumbnail_downsample, model=self.model_info())
@@ -199,7 +201,8 @@ class ScanJob:
         """The model as report.json records it: mode (and why patch mode), and what its
         weights file said (architecture, classes, positive class, training resolution,
         normalisation), when it said it."""
-        info = dict(mode=self.mode, positive_class=self.positive_class)
+        info = dict(mode=self.mode, positive_class=self.positive_class, precision=self.precision,
+                    precision_reason=self.precision_reason)
         if self.note:
             info["note"] = self.note
         if self.card is not None:
@@ -218,6 +221,7 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     """Open ``slide`` (closed by ``stack`` if opened here), make the scanner (dense or
     patch mode, :func:`make_scanner`), find the tissue and plan the ROIs. Arguments as
     :func:`scan_slide`."""
+    from ..precision import resolve_precision, tf32_mode
     from .scanner import make_scanner
 
     timings = {"open": 0.0, "tissue": 0.0, "read_wait": 0.0, "infer": 0.0, "postprocess": 0.0}
@@ -230,7 +234,10 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
         _positive_int("roi_outputs", roi_outputs)
     _positive_int("workers", workers)
     budget = memory if memory is not None else memory_budget(device)
-    sc = make_scanner(model, mode=mode, alpha=alpha, plan=plan, precision=precision, normalize=normalize,
+    precision, precision_reason = resolve_precision(precision, device)
+    stack.enter_context(tf32_mode(device, precision == "tf32"))  # fp32 on CUDA is true fp32
+    sc = make_scanner(model, mode=mode, alpha=alpha, plan=plan, precision="fp32" if precision == "tf32" else precision,
+                      normalize=normalize,
                       patch=patch, stride=stride, batch_size=batch_size, positive_class=positive_class, memory=budget)
     if sc.note and progress:
         print(f"pyfastscan: {sc.note}", file=sys.stderr, flush=True)
@@ -263,7 +270,8 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     timings["tissue"] = time.perf_counter() - t
     rois, n_total = _plan_rois(g, n_rows, n_cols, roi_outputs, tissue, scan_ds)
     return ScanJob(s, dense, scan_mpp, scan_ds, n_rows, n_cols, roi_outputs, tissue, thumb, thumb_ds, rois, n_total,
-                   s.best_level(scan_ds), timings, t0, sc.mode, sc.positive_class, sc.note, sc.card)
+                   s.best_level(scan_ds), timings, t0, sc.mode, sc.positive_class, sc.note, sc.card, precision,
+                   precision_reason)
 
 
 def infer_rois(job: ScanJob, todo: list, *, device, workers: int, label: str, progress: bool):
@@ -314,7 +322,7 @@ def infer_rois(job: ScanJob, todo: list, *, device, workers: int, label: str, pr
 
 
 def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] = None, device="cpu",
-               precision: str = "fp32", plan: str = "minimal", mode: str = "auto", patch: Optional[int] = None,
+               precision: str = "auto", plan: str = "minimal", mode: str = "auto", patch: Optional[int] = None,
                stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
                tissue_mask=None, tissue_labels=None, roi_outputs="auto", memory: Optional[int] = None,
                positive_class: Optional[int] = None, threshold: float = 0.5, workers: int = 2,
@@ -333,7 +341,10 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
         mpp: scan resolution in um/px (default: the resolution the model's weights file
             says it was trained at, else the slide's level 0). For a slide with no
             resolution of its own, mpp is taken as its level-0 resolution.
-        device, precision, plan: where and how the model runs (see to_dense).
+        device, plan: where and how the model runs (see to_dense).
+        precision: "auto" (bf16 on an AMX CPU or a CUDA device of compute capability 8.0+,
+            else fp32; see pyfastscan.precision), "fp32" (true fp32, also on CUDA), "tf32"
+            (CUDA's TF32 convolutions) or "bf16". report.json records what ran and why.
         mode: "auto" (dense when the network converts, else patch mode, with one line
             saying why), "dense" or "patch".
         patch, stride: patch mode's patch side and grid stride at alpha 1 (default: the
