@@ -18,6 +18,7 @@ Anchor layers with d_a > 1 and s_a != d_a (the paper plan's layers after the
 reconstruction layer) are no strided, dilated operation and are refused.
 """
 import copy
+import logging
 import os
 from typing import List, Optional
 
@@ -30,6 +31,7 @@ from .io.files import atomic_write, prepare_folder
 from .nn import AnchConv2d, AnchPool2d
 
 INPUT_NAME, OUTPUT_NAME = "roi", "logits"
+logger = logging.getLogger("pyfastscan")
 
 
 def _first(v):
@@ -178,7 +180,7 @@ def export_onnx(model: nn.Module, path, *, roi_outputs: int, alpha: Optional[int
         >>> from pyfastscan.models import vgg16_fcn
         >>> info = export_onnx(vgg16_fcn(width=1 / 32), "/tmp/vgg.onnx", roi_outputs=4, alpha=2)  # doctest: +SKIP
         >>> info["input_shape"], info["output_shape"]  # doctest: +SKIP
-        (('N', 3, 340, 340), ('N', 2, 4, 4))
+        (('N', 3, 292, 292), ('N', 2, 4, 4))
     """
     if not isinstance(roi_outputs, int) or isinstance(roi_outputs, bool) or roi_outputs < 1:
         raise InvalidArgumentError(f"roi_outputs must be a positive integer, got {roi_outputs!r}")
@@ -189,6 +191,10 @@ def export_onnx(model: nn.Module, path, *, roi_outputs: int, alpha: Optional[int
                                    "pip install onnx onnxscript") from None
     dense = _dense_of(model, alpha, plan, normalize)
     geo = dense.geometry
+    if dense.precision == "bf16":
+        logger.warning("export_onnx: the bf16 DenseModel is exported in float32 (its bfloat16-rounded weights, "
+                       "float32 activations); build a half-precision engine from it with the runtime "
+                       "(e.g. trtexec --fp16)")
     exp = _exportable(dense)
     path = os.fspath(path)
     prepare_folder(os.path.dirname(os.path.abspath(path)))

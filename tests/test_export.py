@@ -5,6 +5,7 @@ float32 evaluations of the same sums, each within B = network_error_bound (the r
 bound of the patch classifier, propagated layer by layer in float64) of the exact
 function, so they differ by at most 2B; so does ONNX Runtime from the literal patch loop.
 """
+import logging
 import os
 
 import numpy as np
@@ -126,12 +127,13 @@ def test_dilated_average_pooling_exports_as_depthwise_convolution(tmp_path):
     _assert_onnx_matches(model, dense, tmp_path / "avg.onnx", 7)
 
 
-def test_bf16_dense_model_exports_in_float32(tmp_path):
+def test_bf16_dense_model_exports_in_float32(tmp_path, caplog):
     """A bf16 DenseModel is written with its bfloat16-rounded weights, computed in float32:
     the map is the float32 one of the classifier whose weights are those rounded ones."""
     model = _seeded(tellez_cnn(gamma=0.1))
-    info = export_onnx(to_dense(model, 2, precision="bf16"), tmp_path / "bf16.onnx", roi_outputs=4)
-    assert "bfloat16" in info["precision"]
+    with caplog.at_level(logging.WARNING, logger="pyfastscan"):
+        info = export_onnx(to_dense(model, 2, precision="bf16"), tmp_path / "bf16.onnx", roi_outputs=4)
+    assert "bfloat16" in info["precision"] and "exported in float32" in caplog.text
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "bf16.onnx")).metadata_props}
     assert "bfloat16" in meta["precision"]
     rounded = _seeded(tellez_cnn(gamma=0.1))
