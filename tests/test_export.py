@@ -131,9 +131,11 @@ def test_bf16_dense_model_exports_in_float32(tmp_path, caplog):
     """A bf16 DenseModel is written with its bfloat16-rounded weights, computed in float32:
     the map is the float32 one of the classifier whose weights are those rounded ones."""
     model = _seeded(tellez_cnn(gamma=0.1))
+    dense = to_dense(model, 2, precision="bf16")
     with caplog.at_level(logging.WARNING, logger="pyfastscan"):
-        info = export_onnx(to_dense(model, 2, precision="bf16"), tmp_path / "bf16.onnx", roi_outputs=4)
+        info = export_onnx(dense, tmp_path / "bf16.onnx", roi_outputs=4)
     assert "bfloat16" in info["precision"] and "exported in float32" in caplog.text
+    assert dense.precision == "bf16" and next(dense.parameters()).dtype == torch.bfloat16  # left as it was
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "bf16.onnx")).metadata_props}
     assert "bfloat16" in meta["precision"]
     rounded = _seeded(tellez_cnn(gamma=0.1))
