@@ -18,7 +18,7 @@ def _common(args) -> dict:
     return dict(alpha=args.alpha, mpp=args.mpp, device=args.device, precision=args.precision,
                 roi_outputs=args.roi_outputs, memory=args.memory_mib << 20 if args.memory_mib else None,
                 progress=not args.quiet, mode=args.mode, patch=args.patch, stride=args.stride,
-                batch_size=args.batch_size)
+                batch_size=args.batch_size, workers=args.readers)
 
 
 def _warn_line(message, category, filename, lineno, file=None, line=None):
@@ -155,6 +155,8 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
                    help="memory budget for one ROI (default: half the free GPU memory, or a quarter of the "
                         "available RAM up to 1 GiB)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--readers", type=int, default=None,
+                   help="threads decoding ROIs ahead of the model (default: one per core, at least 2, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 

@@ -145,7 +145,7 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
                    positive_class: Optional[int] = None, mode: str = "auto", patch: Optional[int] = None,
                    stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
                    map_threshold: float = 0.8, nms_um: float = 25.0, delta: float = 0.970,
-                   theta: Sequence[float] = (6, 20), step_um: float = 8.0, workers: int = 2,
+                   theta: Sequence[float] = (6, 20), step_um: float = 8.0, workers: Optional[int] = None,
                    progress: bool = True) -> MitosisResult:
     """Detect mitotic figures over a whole slide and report the hotspot and grade.
 

@@ -13,8 +13,6 @@ import math
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dense import DenseModel
+from .readers import default_readers, max_read_ahead
 from ..progress import Progress
 from ..errors import InvalidArgumentError
 from ..slide.reader import Slide, open_slide
@@ -106,8 +105,8 @@ def memory_budget(device) -> int:
 
 def choose_roi_outputs(dense: DenseModel, budget: int, workers: int = 2, limit: int = 256) -> int:
     """L_m': the largest number of map cells per ROI side (at most ``limit``) whose forward
-    pass and read-ahead buffers (``workers`` + 1 ROIs converted to the model's input
-    dtype, float32 or float64) fit in ``budget`` bytes. The
+    pass and read-ahead buffers (``max_read_ahead(workers)`` + 1 ROIs converted to the
+    model's input dtype, float32 or float64) fit in ``budget`` bytes. The
     forward pass is counted as twice :meth:`DenseModel.activation_bytes`: the backends'
     layout reorders and workspaces come on top of the tensors PyTorch holds (oneDNN on
     this project's CPU peaked at 1.3-1.9x them, measured with VmHWM)."""
@@ -116,7 +115,7 @@ def choose_roi_outputs(dense: DenseModel, budget: int, workers: int = 2, limit: 
 
     def need(L):
         side = g.input_side(L)
-        return 2 * dense.activation_bytes(side) + (workers + 1) * 3 * side * side * item
+        return 2 * dense.activation_bytes(side) + (max_read_ahead(workers) + 1) * 3 * side * side * item
 
     if need(1) > budget:
         raise InvalidArgumentError(f"a single patch ({g.patch} px) needs {need(1) / 2**20:.0f} MiB, more than the "
@@ -166,6 +165,7 @@ class ScanJob:
     card: Optional[object] = None  # the model's ModelCard, if its weights file had one
     precision: str = "fp32"  # what ran: fp32, tf32 or bf16 ("auto" resolved)
     precision_reason: str = "requested"
+    readers: int = 2  # reader threads
 
     @property
     def stride_px(self) -> float:
@@ -232,7 +232,7 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
         stack.callback(s.close)
     if roi_outputs != "auto":
         _positive_int("roi_outputs", roi_outputs)
-    _positive_int("workers", workers)
+    workers = default_readers() if workers is None else _positive_int("workers", workers)
     budget = memory if memory is not None else memory_budget(device)
     precision, precision_reason = resolve_precision(precision, device)
     stack.enter_context(tf32_mode(device, precision == "tf32"))  # fp32 on CUDA is true fp32
@@ -271,61 +271,44 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     rois, n_total = _plan_rois(g, n_rows, n_cols, roi_outputs, tissue, scan_ds)
     return ScanJob(s, dense, scan_mpp, scan_ds, n_rows, n_cols, roi_outputs, tissue, thumb, thumb_ds, rois, n_total,
                    s.best_level(scan_ds), timings, t0, sc.mode, sc.positive_class, sc.note, sc.card, precision,
-                   precision_reason)
+                   precision_reason, workers)
 
 
-def infer_rois(job: ScanJob, todo: list, *, device, workers: int, label: str, progress: bool):
-    """Yield (roi, probability block) for each ROI of ``todo`` in order: ROIs are read by
-    ``workers`` background threads (at most workers + 1 ahead) while the model runs;
-    read waits and inference time go into job.timings."""
-    dense, s, timings = job.dense, job.slide, job.timings
+def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, workers: Optional[int] = None):
+    """Yield (roi, probability block) for each ROI of ``todo`` in order, through the input
+    pipeline (:class:`~pyfastscan.pipeline.readers.RoiPipeline`): ``workers`` reader
+    threads (default: the job's), reusable buffers, copies and compute overlapped on CUDA. Read waits and
+    inference time go into job.timings; cells whose patch touches no tissue are 0."""
+    from .readers import RoiPipeline
+
+    dense, s = job.dense, job.slide
     level_ds = s.handle.level_downsamples[job.level]
-
     softmax = not dense.ends_with_softmax
     positive_class = job.positive_class
-    in_dtype = dense.input_dtype
-    on_cpu = torch.device(device).type == "cpu"
 
     def read(roi):
-        """The ROI as the model's input; on the CPU converted here, in the background thread
-        (on a GPU the uint8 pixels travel and are converted there: a quarter of the bytes)."""
         _, _, _, _, x, y, wi, hi = roi
-        t = torch.from_numpy(_read_scan_region(s, x, y, wi, hi, job.scan_ds, job.level, level_ds))
-        return t.permute(2, 0, 1)[None].to(in_dtype).div_(255) if on_cpu else t
+        return _read_scan_region(s, x, y, wi, hi, job.scan_ds, job.level, level_ds)
+
+    def run(x):
+        out = dense(x)
+        return (F.softmax(out, dim=1) if softmax else out)[0, positive_class]
 
     bar = Progress(len(todo), label, progress, unit="ROIs")
-    with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
-        pending = deque()
-        it = iter(todo)
-        for roi in (next(it, None) for _ in range(workers + 1)):
-            if roi is not None:
-                pending.append((roi, pool.submit(read, roi)))
-        done = 0
-        while pending:
-            roi, fut = pending.popleft()
-            t = time.perf_counter()
-            x = fut.result()
-            timings["read_wait"] += time.perf_counter() - t
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(read, nxt)))
-            t = time.perf_counter()
-            if not on_cpu:
-                x = x.to(device).permute(2, 0, 1)[None].to(in_dtype).div_(255)
-            out = dense(x)
-            block = (F.softmax(out, dim=1) if softmax else out)[0, positive_class].float().cpu().numpy()
-            block[~job.cells_on_tissue(roi)] = 0  # no-data, whatever the ROI size (DESIGN.md 6.2)
-            timings["infer"] += time.perf_counter() - t
-            yield roi, block
-            done += 1
-            bar.update(done)
+    pipe = RoiPipeline(read, todo, run, device=device, in_dtype=dense.input_dtype,
+                       readers=workers or job.readers,
+                       timings=job.timings)
+    for done, (roi, block) in enumerate(pipe, start=1):
+        block[~job.cells_on_tissue(roi)] = 0  # no-data, whatever the ROI size (DESIGN.md 6.2)
+        yield roi, block
+        bar.update(done)
 
 
 def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] = None, device="cpu",
                precision: str = "auto", plan: str = "minimal", mode: str = "auto", patch: Optional[int] = None,
                stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
                tissue_mask=None, tissue_labels=None, roi_outputs="auto", memory: Optional[int] = None,
-               positive_class: Optional[int] = None, threshold: float = 0.5, workers: int = 2,
+               positive_class: Optional[int] = None, threshold: float = 0.5, workers: Optional[int] = None,
                checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True) -> ScanResult:
     """Whole-slide scan with any patch classifier: dense when it is padding-free, patch by
     patch otherwise, the same map either way (DESIGN.md 6.2).
@@ -359,7 +342,8 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
         memory: the byte budget for roi_outputs="auto".
         positive_class: the output channel the map shows (default: the weights file's, else 1).
         threshold: probability for detections (paper: 0.5).
-        workers: background threads reading ROIs ahead of the model.
+        workers: reader threads decoding ROIs ahead of the model (default: one per core, at
+            least 2, at most 8; CLI ``--readers``).
         checkpoint: a file where each finished ROI is appended as soon as it is computed.
         resume: continue from ``checkpoint``: the ROIs it holds are not read or computed
             again. It must come from a scan of the same slide with the same model and

@@ -1,0 +1,196 @@
+"""The engine's input pipeline: ROIs decoded by reader threads into reusable buffers,
+copied to the device and computed with reading, copying and computing overlapped.
+
+    for roi, block in RoiPipeline(read, todo, run, device="cuda", readers=4):
+        ...                     # blocks in the order of ``todo``
+
+- ``readers`` threads decode ROIs (OpenSlide and tifffile release the GIL while they
+  decode). Each ROI lands in a buffer from a ring of reusable buffers (one set per ROI
+  shape; page-locked when the model is on CUDA), so memory stays flat however long the
+  slide.
+- On the CPU the reader thread also converts the pixels to the model's input (float in
+  [0, 1]); on CUDA the uint8 pixels travel (a quarter of the bytes) on a copy stream of
+  their own, ``non_blocking``, and are converted on the device.
+- The model's output stays on the device and comes back asynchronously: the block of ROI
+  k is waited for only after ROI k + 1 has been launched, so there is no synchronisation
+  between launching one ROI and the next.
+- The read-ahead depth adapts: it starts at ``readers + 1`` and grows (up to
+  ``max_depth``) each time the model had to wait for a read while reads were still
+  queued, so the model never waits when the readers can keep up.
+"""
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import numpy as np
+import torch
+
+
+def default_readers() -> int:
+    """Reader threads by default: one per core this process may use, at least 2, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 2
+    return max(2, min(8, cores))
+
+
+def max_read_ahead(readers: int) -> int:
+    """The most ROIs read ahead at once (the memory budget counts this many buffers)."""
+    return 2 * readers + 1
+
+
+class BufferRing:
+    """Reusable tensors by shape: ``take`` hands out a free one (or makes one), ``give``
+    returns it. At most as many buffers per shape exist as were ever out at once."""
+
+    def __init__(self, dtype: torch.dtype, pin: bool = False):
+        self.dtype, self.pin = dtype, pin
+        self._free: Dict[Tuple[int, ...], list] = {}
+        self._lock = threading.Lock()
+        self.allocated = 0
+
+    def take(self, shape: Tuple[int, ...]) -> torch.Tensor:
+        with self._lock:
+            free = self._free.setdefault(tuple(shape), [])
+            if free:
+                return free.pop()
+            self.allocated += 1
+        return torch.empty(shape, dtype=self.dtype, pin_memory=self.pin)
+
+    def give(self, t: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault(tuple(t.shape), []).append(t)
+
+
+class RoiPipeline:
+    """Iterate (roi, block) over ``todo`` in order.
+
+    Args:
+        read: ``read(roi) -> np.ndarray`` (h, w, 3) uint8, called in reader threads.
+        todo: the ROIs.
+        run: ``run(x) -> tensor`` on the device: the model plus the selection of the
+            positive-class map, (h', w'); ``x`` is (1, 3, h, w) in ``in_dtype`` in [0, 1].
+        device: where ``run`` computes.
+        in_dtype: the model's input dtype.
+        readers: reader threads.
+        max_depth: most ROIs read ahead (default :func:`max_read_ahead`).
+        timings: a dict whose "read_wait" and "infer" entries are increased (seconds the
+            consumer waited for reads; seconds spent launching and finishing the model).
+    """
+
+    def __init__(self, read: Callable, todo: Iterable, run: Callable, *, device, in_dtype: torch.dtype,
+                 readers: int, max_depth: Optional[int] = None, timings: Optional[dict] = None):
+        self.read, self.todo, self.run = read, list(todo), run
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.in_dtype = in_dtype
+        self.readers = readers
+        self.max_depth = max(readers + 1, max_depth or max_read_ahead(readers))
+        self.depth = readers + 1
+        self.timings = timings if timings is not None else {}
+        self.timings.setdefault("read_wait", 0.0)
+        self.timings.setdefault("infer", 0.0)
+        # CPU: float input buffers filled by the readers; CUDA: pinned uint8 pixels.
+        self.ring = BufferRing(torch.uint8 if self.cuda else in_dtype, pin=self.cuda)
+        self.depth_grew = 0
+
+    def _load(self, roi):
+        """Reader thread: decode ``roi`` into a buffer of the ring."""
+        rgb = self.read(roi)
+        h, w = rgb.shape[:2]
+        src = torch.from_numpy(np.ascontiguousarray(rgb))
+        if self.cuda:
+            buf = self.ring.take((h, w, 3))
+            buf.copy_(src)
+        else:
+            buf = self.ring.take((1, 3, h, w))
+            buf[0].copy_(src.permute(2, 0, 1))
+            buf.div_(255)
+        return buf
+
+    def __iter__(self):
+        if not self.todo:
+            return
+        timings = self.timings
+        with ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="pyfastscan-reader") as pool, \
+                torch.inference_mode():
+            it = iter(self.todo)
+            pending = deque()
+
+            def fill():
+                while len(pending) < self.depth:
+                    roi = next(it, None)
+                    if roi is None:
+                        return
+                    pending.append((roi, pool.submit(self._load, roi)))
+
+            fill()
+            if self.cuda:
+                yield from self._cuda_loop(pending, fill)
+                return
+            while pending:
+                roi, fut = pending.popleft()
+                t = time.perf_counter()
+                if not fut.done() and pending and self.depth < self.max_depth:
+                    self.depth += 1  # the model caught up with the readers: read further ahead
+                    self.depth_grew += 1
+                buf = fut.result()
+                timings["read_wait"] += time.perf_counter() - t
+                fill()
+                t = time.perf_counter()
+                block = self.run(buf).float().numpy()
+                timings["infer"] += time.perf_counter() - t
+                self.ring.give(buf)
+                yield roi, block
+
+    def _cuda_loop(self, pending, fill):
+        """Copy on its own stream, compute on the current one, results one ROI behind."""
+        timings = self.timings
+        copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        host_out = BufferRing(torch.float32, pin=True)
+        inflight = deque()  # (roi, host block, done event, pinned input buffer)
+
+        def finish_one():
+            roi, host, done, buf = inflight.popleft()
+            t = time.perf_counter()
+            done.synchronize()
+            timings["infer"] += time.perf_counter() - t
+            self.ring.give(buf)
+            block = host.numpy().copy()
+            host_out.give(host)
+            return roi, block
+
+        while pending:
+            roi, fut = pending.popleft()
+            t = time.perf_counter()
+            if not fut.done() and pending and self.depth < self.max_depth:
+                self.depth += 1
+                self.depth_grew += 1
+            buf = fut.result()
+            timings["read_wait"] += time.perf_counter() - t
+            fill()
+            t = time.perf_counter()
+            with torch.cuda.stream(copy_stream):
+                dev = buf.to(self.device, non_blocking=True)
+            compute.wait_stream(copy_stream)
+            dev.record_stream(compute)
+            x = dev.permute(2, 0, 1)[None].to(self.in_dtype).div_(255)
+            out = self.run(x).float()
+            host = host_out.take(tuple(out.shape))
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(compute)
+            inflight.append((roi, host, done, buf))
+            timings["infer"] += time.perf_counter() - t
+            if len(inflight) > 1:  # ROI k + 1 is launched: now wait for ROI k
+                yield finish_one()
+        while inflight:
+            yield finish_one()
+
+
+__all__ = ["RoiPipeline", "BufferRing", "default_readers", "max_read_ahead"]
