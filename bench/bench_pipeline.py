@@ -1,0 +1,167 @@
+"""Does a fast device stay fed? The input pipeline against a stand-in accelerator (issue 15).
+
+    .venv/bin/python bench/bench_pipeline.py --json
+    .venv/bin/pytest bench/bench_pipeline.py -o python_files="bench_*.py" --benchmark-only
+
+The slide is bench_scan's synthetic 20k x 20k px JPEG-tiled TIFF with 6144 x 6144 px of
+real tissue. The model is a stand-in whose forward only sleeps (GIL released, no CPU) for
+``pixels / rate`` seconds per ROI, so it behaves like an accelerator of known speed.
+
+1. ``decode_ceiling_mpx_s``: the single-thread rate of the readers' own work (decode the
+   ROI, convert it to the model's input), measured on the scan's tissue ROIs, times the
+   reader threads, capped by the cores this process may use.
+2. A run with the stand-in at half the ceiling: ``device_busy`` = the stand-in's busy
+   time / the wall time of the ROI stage (the scan's total less open, tissue and
+   post-processing). Target >= 0.90: the device never waits for the readers.
+3. A run with the stand-in at four times the ceiling: ``delivered_mpx_s`` = input pixels
+   delivered / the wall time of the ROI stage, and ``delivered_fraction`` = delivered /
+   ceiling. Target >= 0.85: the readers run at the machine's decode speed.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SIDE = 20_000
+ROI_OUTPUTS = 64
+PATCH, STRIDE = 76, 16  # the stand-in's geometry: a stride-16 network with a 76 px patch
+
+
+def _stand_in(rate_mpx_s: float):
+    """A DenseModel that sleeps pixels / rate per forward and returns zeros of the map's shape."""
+    from pyfastscan.dense import DenseModel, Geometry
+
+    class StandIn(DenseModel):
+        def __init__(self):
+            super().__init__(nn.Sequential(nn.Conv2d(3, 2, 1)), Geometry(PATCH, STRIDE, 1), "stand-in")
+            self.busy, self.calls = 0.0, 0
+
+        def forward(self, x):
+            g = self.geometry
+            t = x.shape[-1] * x.shape[-2] / (rate_mpx_s * 1e6)
+            time.sleep(t)  # releases the GIL: the readers run meanwhile
+            self.busy += t
+            self.calls += 1
+            return torch.zeros(x.shape[0], 2, g.output_side(x.shape[-2]), g.output_side(x.shape[-1]))
+
+    return StandIn().eval()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def single_thread_rate(path: str, rois, readers_work) -> float:
+    """Mpx/s of the readers' work (decode + convert) in one thread over ``rois``."""
+    t = time.perf_counter()
+    px = 0
+    for roi in rois:
+        px += readers_work(roi)
+    return px / (time.perf_counter() - t) / 1e6
+
+
+def run(path: str, readers: int = None) -> dict:
+    from pyfastscan import scan_slide
+    from pyfastscan.pipeline.readers import default_readers
+    from pyfastscan.pipeline.scan import _read_scan_region
+    from pyfastscan.slide import open_slide
+
+    readers = readers or default_readers()
+    probe = _stand_in(1e6)
+    first = scan_slide(path, probe, alpha=1, roi_outputs=ROI_OUTPUTS, progress=False, precision="fp32",
+                       workers=readers)
+    s = open_slide(path)
+    from pyfastscan.pipeline.scan import _plan_rois
+
+    rois, _ = _plan_rois(probe.geometry, *first.heatmap.shape, ROI_OUTPUTS, first.tissue, 1.0)
+
+    def work(roi):  # what a reader thread does for one ROI on the CPU (readers.RoiPipeline._load)
+        rgb = _read_scan_region(s, *roi[4:], 1.0, 0, 1.0)
+        x = torch.empty((1, 3) + rgb.shape[:2])
+        x[0].copy_(torch.from_numpy(rgb).permute(2, 0, 1))
+        x.div_(255)
+        return rgb.shape[0] * rgb.shape[1]
+
+    single = max(single_thread_rate(path, rois, work) for _ in range(2))  # the second pass has warm caches
+    s.close()
+    ceiling = single * min(readers, _cores())
+    px = sum(r[6] * r[7] for r in rois)
+
+    def scan_with(rate):
+        model = _stand_in(rate)
+        res = scan_slide(path, model, alpha=1, roi_outputs=ROI_OUTPUTS, progress=False, precision="fp32",
+                         workers=readers)
+        t = res.timings
+        stage = t["total"] - t["open"] - t["tissue"] - t["postprocess"]
+        assert model.calls == len(rois) == res.n_rois
+        return model, stage
+
+    slow, slow_stage = scan_with(0.5 * ceiling)
+    fast, fast_stage = scan_with(4.0 * ceiling)
+    delivered = px / fast_stage / 1e6
+    return dict(cpu=_cpu_name(), cores=_cores(), readers=readers, rois=len(rois), roi_side=int(rois[0][6]),
+                input_mpx=px / 1e6, single_thread_mpx_s=single, decode_ceiling_mpx_s=ceiling,
+                slow_device_mpx_s=0.5 * ceiling, device_busy=slow.busy / slow_stage, slow_stage_s=slow_stage,
+                fast_device_mpx_s=4.0 * ceiling, delivered_mpx_s=delivered, delivered_fraction=delivered / ceiling,
+                fast_stage_s=fast_stage, torch=torch.__version__, python=platform.python_version())
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        name = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")).split())
+        return f"{name} ({'AMX' if 'amx_bf16' in flags else 'no AMX'}, {'avx512f' if 'avx512f' in flags else 'avx2'})"
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def build(folder: str) -> str:
+    from bench_scan import _tissue, build_slide
+
+    return build_slide(os.path.join(folder, "pipeline20k.tif"), SIDE, _tissue())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--readers", type=int, default=None)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="pyfastscan-bench-pipeline-") as folder:
+        result = run(build(folder), args.readers)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>22}: {v:.3f}" if isinstance(v, float) else f"{k:>22}: {v}")
+    ok = result["device_busy"] >= 0.90 and result["delivered_fraction"] >= 0.85
+    return 0 if ok else 1
+
+
+def test_pipeline(benchmark):
+    import pytest
+
+    pytest.importorskip("openslide")
+    benchmark.group = "input pipeline against a stand-in accelerator"
+    with tempfile.TemporaryDirectory(prefix="pyfastscan-bench-pipeline-") as folder:
+        path = build(folder)
+        result = benchmark.pedantic(lambda: run(path), rounds=1, warmup_rounds=0)
+    benchmark.extra_info.update(result)
+    print(f"\n{json.dumps(result)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
