@@ -56,13 +56,6 @@ def _stand_in(rate_mpx_s: float):
     return StandIn().eval()
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def single_thread_rate(path: str, rois, readers_work) -> float:
     """Mpx/s of the readers' work (decode + convert) in one thread over ``rois``."""
     t = time.perf_counter()
@@ -74,6 +67,7 @@ def single_thread_rate(path: str, rois, readers_work) -> float:
 
 def run(path: str, readers: int = None) -> dict:
     from pyfastscan import scan_slide
+    from pyfastscan.benchmark import cores, cpu_name
     from pyfastscan.pipeline.readers import default_readers
     from pyfastscan.pipeline.scan import _read_scan_region
     from pyfastscan.slide import open_slide
@@ -96,7 +90,7 @@ def run(path: str, readers: int = None) -> dict:
 
     single = max(single_thread_rate(path, rois, work) for _ in range(2))  # the second pass has warm caches
     s.close()
-    ceiling = single * min(readers, _cores())
+    ceiling = single * min(readers, cores())
     px = sum(r[6] * r[7] for r in rois)
 
     def scan_with(rate):
@@ -111,22 +105,11 @@ def run(path: str, readers: int = None) -> dict:
     slow, slow_stage = scan_with(0.5 * ceiling)
     fast, fast_stage = scan_with(4.0 * ceiling)
     delivered = px / fast_stage / 1e6
-    return dict(cpu=_cpu_name(), cores=_cores(), readers=readers, rois=len(rois), roi_side=int(rois[0][6]),
+    return dict(cpu=cpu_name(), cores=cores(), readers=readers, rois=len(rois), roi_side=int(rois[0][6]),
                 input_mpx=px / 1e6, single_thread_mpx_s=single, decode_ceiling_mpx_s=ceiling,
                 slow_device_mpx_s=0.5 * ceiling, device_busy=slow.busy / slow_stage, slow_stage_s=slow_stage,
                 fast_device_mpx_s=4.0 * ceiling, delivered_mpx_s=delivered, delivered_fraction=delivered / ceiling,
                 fast_stage_s=fast_stage, torch=torch.__version__, python=platform.python_version())
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        name = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")).split())
-        return f"{name} ({'AMX' if 'amx_bf16' in flags else 'no AMX'}, {'avx512f' if 'avx512f' in flags else 'avx2'})"
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def build(folder: str) -> str:

@@ -161,9 +161,9 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
     return p
 
 
-def _model_options(p, alpha: int, arch_help: str = "") -> None:
+def _model_options(p, alpha: int, arch_help: str = "", weights_required: bool = True) -> None:
     """The options that say which model a weights file holds and how to scan it."""
-    p.add_argument("--weights", required=True,
+    p.add_argument("--weights", required=weights_required,
                    help=".safetensors from pyfastscan.save_model (says everything else), a bare state dict or a "
                         "PyTorch checkpoint (then --arch)")
     p.add_argument("--arch", default=None,
@@ -257,6 +257,17 @@ def main(argv=None) -> int:
     mit.add_argument("--theta2", type=float, default=20, help="grade 2 up to this hotspot count (20), then 3")
     mit.add_argument("--region", default=None,
                      help="count only inside these polygons (ASAP .xml or .geojson, level-0 px), e.g. the tumour")
+    bench = sub.add_parser("bench", help="cells per second of dense and patch mode in each precision, and the read "
+                                         "ceiling of a slide, on this machine")
+    _model_options(bench, 2, "default vgg16_fcn with random weights when no --weights", weights_required=False)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--precision", action="append", choices=("fp32", "bf16"), default=None,
+                       help="precision to time (repeatable; default fp32, and bf16 where auto picks it)")
+    bench.add_argument("--roi-outputs", type=int, default=16, help="map cells per ROI side for dense mode (16)")
+    bench.add_argument("--slide", default=None, help="also measure this slide's read ceiling")
+    bench.add_argument("--repeats", type=int, default=3, help="timed calls per scanner (3; the median is reported)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--mpp", type=float, default=None, help=argparse.SUPPRESS)
     exp = sub.add_parser("export", help="write the dense model for a fixed ROI size as ONNX")
     _model_options(exp, 1)
     exp.add_argument("--roi-outputs", type=int, required=True, help="L_m': map cells per ROI side")
@@ -286,6 +297,10 @@ def main(argv=None) -> int:
         return _models(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "bench":
+        from .benchmark import main as bench_main
+
+        return bench_main(args)
     if args.command == "scan":
         return _slides(args, _scan_one)
     if args.command == "mitosis":

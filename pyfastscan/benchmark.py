@@ -1,0 +1,202 @@
+"""Measure before you adopt: `pyfastscan bench` on this machine and device.
+
+    pyfastscan bench --arch vgg16_fcn [--alpha 2] [--slide SLIDE] [--json]
+    pyfastscan bench --weights model.safetensors --device cuda
+
+For a model (a weights file, or an architecture with random weights: speed does not
+depend on the weights) it times one ROI per scanner and reports map cells per second:
+dense mode (when the network converts) and patch mode, in each precision the device
+offers (fp32 always; bf16 where it is fast or on request), and the read ceiling of a
+slide (``--slide``): the single-thread rate of the readers' work times the reader threads,
+capped by the cores. bench/bench_pipeline.py and bench/bench_models.py use the same
+functions.
+"""
+import json
+import os
+import platform
+import time
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+
+from .dense import to_dense
+from .errors import InvalidArgumentError
+
+
+def cpu_name() -> str:
+    """The CPU's model name with the flags that decide precision (AMX, AVX-512)."""
+    from .precision import cpu_flags
+
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    flags = cpu_flags()
+    extras = [f for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    return f"{name} ({', '.join(extras) if extras else 'no AVX2'})"
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cc {'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
+    return cpu_name()
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device="cpu", repeats: int = 3, min_seconds: float = 0.0) -> List[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after one warm-up call (device synchronised)."""
+    fn()
+    _sync(device)
+    times = []
+    while len(times) < repeats or sum(times) < min_seconds:
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def cell_throughput(scanner: nn.Module, roi_outputs: int, device="cpu", repeats: int = 3) -> dict:
+    """Map cells per second of ``scanner`` (DenseModel or PatchModel) on one ROI of
+    ``roi_outputs`` x ``roi_outputs`` cells (median of ``repeats``)."""
+    g = scanner.geometry
+    side = g.input_side(roi_outputs)
+    x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(scanner.input_dtype).to(device)
+    scanner = scanner.to(device)
+    with torch.inference_mode():
+        times = sorted(time_call(lambda: scanner(x), device, repeats))
+    median = times[len(times) // 2]
+    return dict(roi_outputs=roi_outputs, roi_side=side, seconds=median, spread=[times[0], times[-1]],
+                cells_per_s=roi_outputs ** 2 / median, multiply_adds=scanner.multiply_adds(side))
+
+
+def read_ceiling(slide, roi_side: int = 1024, n: int = 8, readers: Optional[int] = None) -> dict:
+    """The read ceiling of a slide: the single-thread rate (Mpx/s) of what a reader thread
+    does per ROI (decode a ``roi_side`` px region of level 0 and convert it to float in
+    [0, 1]) over ``n`` regions along the diagonal, times the reader threads, capped by the
+    cores this process may use."""
+    from .pipeline.readers import default_readers
+    from .slide import open_slide
+
+    readers = readers or default_readers()
+    s = open_slide(slide)
+    try:
+        w, h = s.dimensions
+        side = min(roi_side, w, h)
+        spots = [(int((w - side) * k / max(1, n - 1)), int((h - side) * k / max(1, n - 1))) for k in range(n)]
+
+        def work():
+            for x, y in spots:
+                rgb = s.read(x, y, side, side)
+                t = torch.empty((1, 3, side, side))
+                t[0].copy_(torch.from_numpy(rgb).permute(2, 0, 1))
+                t.div_(255)
+
+        best = min(time_call(work, repeats=2))
+    finally:
+        s.close()
+    single = n * side * side / best / 1e6
+    return dict(slide=str(slide), roi_side=side, single_thread_mpx_s=single, readers=readers, cores=cores(),
+                ceiling_mpx_s=single * min(readers, cores()))
+
+
+def run_bench(model: nn.Module, *, alpha: int, device="cpu", roi_outputs: int = 16, patch: Optional[int] = None,
+              stride: Optional[int] = None, precisions=None, slide=None, patch_roi_outputs: int = 4,
+              repeats: int = 3) -> dict:
+    """Everything `pyfastscan bench` prints, as a dict (see the module docstring)."""
+    from .models.files import card_of
+    from .patch import PatchModel
+    from .precision import resolve_precision
+
+    card = card_of(model)
+    model = model.eval()
+    auto, why = resolve_precision("auto", device)
+    precisions = list(precisions or (["fp32", "bf16"] if auto == "bf16" else ["fp32"]))
+    rows = []
+    dense_reason = None
+    for prec in precisions:
+        try:
+            dense = to_dense(model, alpha, precision=prec)
+        except InvalidArgumentError as exc:
+            dense_reason = str(exc)
+            dense = None
+        if dense is not None:
+            g = dense.geometry
+            rows.append(dict(mode="dense", precision=prec, **cell_throughput(dense, roi_outputs, device, repeats)))
+            patch_, step = g.patch, g.step
+        else:
+            patch_ = patch or (card.patch if card else None)
+            stride_ = stride or (card.stride if card else None)
+            if patch_ is None or stride_ is None:
+                raise InvalidArgumentError(f"the model is not dense-convertible ({dense_reason}); patch mode needs "
+                                           "--patch and --stride")
+            step = stride_ // alpha
+        pm = PatchModel(model, patch_, step, precision=prec)
+        rows.append(dict(mode="patch", precision=prec, **cell_throughput(pm, patch_roi_outputs, device, repeats)))
+    out = dict(device=device_name(device), torch=torch.__version__, alpha=alpha, auto_precision=auto,
+               auto_precision_reason=why, rows=rows)
+    if dense_reason:
+        out["dense_refused"] = dense_reason
+    for prec in precisions:
+        d = [r for r in rows if r["precision"] == prec and r["mode"] == "dense"]
+        p = [r for r in rows if r["precision"] == prec and r["mode"] == "patch"]
+        if d and p:
+            out.setdefault("dense_over_patch", {})[prec] = d[0]["cells_per_s"] / p[0]["cells_per_s"]
+    if slide is not None:
+        out["read"] = read_ceiling(slide)
+    return out
+
+
+def format_bench(result: dict) -> str:
+    lines = [f"device: {result['device']}, torch {result['torch']}, alpha {result['alpha']}",
+             f"precision auto here: {result['auto_precision']} ({result['auto_precision_reason']})", "",
+             f"{'mode':<6} {'precision':<9} {'ROI cells':>9} {'ms / ROI':>9} {'cells / s':>11} {'GMAC / s':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['mode']:<6} {r['precision']:<9} {r['roi_outputs'] ** 2:>9} {r['seconds'] * 1e3:>9.1f} "
+                     f"{r['cells_per_s']:>11.0f} {r['multiply_adds'] / r['seconds'] / 1e9:>9.1f}")
+    for prec, ratio in result.get("dense_over_patch", {}).items():
+        lines.append(f"dense / patch cells per second ({prec}): {ratio:.1f}x")
+    if "dense_refused" in result:
+        lines.append(f"dense mode refused: {result['dense_refused']}")
+    if "read" in result:
+        r = result["read"]
+        lines.append(f"read ceiling of {r['slide']}: {r['ceiling_mpx_s']:.1f} Mpx/s "
+                     f"({r['single_thread_mpx_s']:.1f} Mpx/s per thread x {r['readers']} readers, {r['cores']} cores)")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """`pyfastscan bench` (arguments from cli.py)."""
+    from .errors import PyfastscanError
+    from .models import create
+
+    try:
+        if args.weights:
+            from .cli import _load_cli_model
+
+            model = _load_cli_model(args)
+        else:
+            model = create(args.arch or "vgg16_fcn", **(json.loads(args.arch_kwargs) if args.arch_kwargs else {}))
+        result = run_bench(model, alpha=args.alpha, device=args.device, roi_outputs=args.roi_outputs,
+                           patch=args.patch, stride=args.stride, precisions=args.precision or None, slide=args.slide,
+                           repeats=args.repeats)
+    except (PyfastscanError, OSError, ValueError) as exc:
+        print(f"pyfastscan bench: {exc}")
+        return 2
+    print(json.dumps(result) if args.json else format_bench(result))
+    return 0

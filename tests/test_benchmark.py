@@ -1,0 +1,33 @@
+"""`pyfastscan bench`: the table users run before they adopt (numbers are measured, not asserted)."""
+import json
+
+import pytest
+
+from pyfastscan.cli import main
+from pyfastscan.samples import skin_slide_path
+
+
+def test_bench_json_has_dense_patch_and_read_rows(capsys):
+    pytest.importorskip("openslide")
+    assert main(["bench", "--arch", "demo_cnn", "--alpha", "2", "--roi-outputs", "8", "--repeats", "1",
+                 "--slide", skin_slide_path(), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {(r["mode"], r["precision"]): r for r in out["rows"]}
+    assert ("dense", "fp32") in rows and ("patch", "fp32") in rows
+    assert out["auto_precision"] in ("fp32", "bf16") and out["device"]
+    for r in rows.values():
+        assert r["cells_per_s"] > 0 and r["multiply_adds"] > 0
+    dense, patch = rows["dense", "fp32"], rows["patch", "fp32"]
+    # the cost model: a dense cell needs fewer multiply-adds than a patch-mode cell
+    assert dense["multiply_adds"] / dense["roi_outputs"] ** 2 < patch["multiply_adds"] / patch["roi_outputs"] ** 2
+    assert out["read"]["ceiling_mpx_s"] == pytest.approx(out["read"]["single_thread_mpx_s"] *
+                                                         min(out["read"]["readers"], out["read"]["cores"]))
+
+
+def test_bench_patch_only_model_and_bad_input(capsys):
+    assert main(["bench", "--arch", "resnet18", "--arch-kwargs", '{"width": 4}', "--alpha", "1", "--repeats", "1",
+                 "--json", "--patch", "64", "--stride", "32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["mode"] for r in out["rows"]] == ["patch"] and "padding" in out["dense_refused"]
+    assert main(["bench", "--arch", "nope"]) == 2
+    assert "unknown architecture 'nope'" in capsys.readouterr().out
