@@ -3,6 +3,11 @@ definition in DESIGN.md 2.1).
 
 Per axis, output index p reads input positions start(p) + d*t, t = 0..K-1, with
 start(p) = (p // d_a) * s_a + p % d_a. Axis tuples are (kernel, dilation, s_a, d_a).
+
+Offsets that can pass 2**31 elements (an image of N*O*Ho*Wo outputs, C*H*W inputs) are
+int64; the grids use axis 0 only (axes 1 and 2 stop at 65535 blocks). The launch
+configuration of each kernel is chosen by ``pool_config`` / ``conv_config`` (blocks,
+warps, constexprs), which tests/test_gpu_compile.py compiles for sm_80 and sm_90.
 """
 import torch
 import triton
@@ -10,7 +15,21 @@ import triton.language as tl
 
 # Blocks are large enough for tl.dot (>= 16) and few enough for the CPU interpreter.
 POOL_BLOCK = 256
-CONV_BLOCK_M, CONV_BLOCK_N, CONV_BLOCK_K = 32, 32, 32
+# BLOCK_K 16, not 32: at 32 the float64 and 3x3 float32 kernels spilled on sm_80 (128+ registers)
+CONV_BLOCK_M, CONV_BLOCK_N, CONV_BLOCK_K = 32, 32, 16
+NUM_WARPS = 4
+
+
+def pool_config(dtype: torch.dtype, kernel_yx, average: bool) -> dict:
+    """The constexprs and launch options anch_pool2d_triton uses for this call."""
+    return dict(KY=kernel_yx[0], KX=kernel_yx[1], AVERAGE=bool(average), IS_F64=dtype == torch.float64,
+                BLOCK=POOL_BLOCK, num_warps=NUM_WARPS)
+
+
+def conv_config(dtype: torch.dtype, kernel_yx, has_bias: bool) -> dict:
+    """The constexprs and launch options anch_conv2d_triton uses for this call."""
+    return dict(KY=kernel_yx[0], KX=kernel_yx[1], HAS_BIAS=bool(has_bias), IS_F64=dtype == torch.float64,
+                BLOCK_M=CONV_BLOCK_M, BLOCK_N=CONV_BLOCK_N, BLOCK_K=CONV_BLOCK_K, num_warps=NUM_WARPS)
 
 
 @triton.jit
@@ -35,20 +54,22 @@ def _to_output(acc, out_ptr):
 
 
 @triton.jit
-def anch_pool2d_kernel(x_ptr, out_ptr, C, Ho, Wo, sxn, sxc, sxh, sxw, DY, DX, SAY, SAX, DAY, DAX,
+def anch_pool2d_kernel(x_ptr, out_ptr, C, Ho, Wo, NBLK, sxn, sxc, sxh, sxw, DY, DX, SAY, SAX, DAY, DAX,
                        KY: tl.constexpr, KX: tl.constexpr, AVERAGE: tl.constexpr, IS_F64: tl.constexpr,
                        BLOCK: tl.constexpr):
     """out[n, c, p, q] = max (or mean) over (ty, tx) of x[n, c, start_y(p) + DY*ty, start_x(q) + DX*tx].
 
-    Grid: (N*C, cdiv(Ho*Wo, BLOCK)). Accumulates in float32 (float64 for float64 input);
-    the max keeps the winning element, so it is exact in every dtype, and propagates NaN.
+    Grid: (N*C*NBLK,), NBLK = cdiv(Ho*Wo, BLOCK) blocks per plane. Accumulates in float32
+    (float64 for float64 input); the max keeps the winning element, so it is exact in every
+    dtype, and propagates NaN.
     """
     acc_t = tl.float64 if IS_F64 else tl.float32
-    nc = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < Ho * Wo
+    pid = tl.program_id(0).to(tl.int64)
+    nc = pid // NBLK
+    offs = (pid % NBLK) * BLOCK + tl.arange(0, BLOCK)
     p = offs // Wo
     q = offs % Wo
+    mask = p < Ho  # offs < Ho*Wo without the int32 product Ho*Wo
     y0 = _anchor_start(p, SAY, DAY)
     x0 = _anchor_start(q, SAX, DAX)
     base = x_ptr + (nc // C) * sxn + (nc % C) * sxc
@@ -65,7 +86,7 @@ def anch_pool2d_kernel(x_ptr, out_ptr, C, Ho, Wo, sxn, sxc, sxh, sxw, DY, DX, SA
                 acc = tl.maximum(acc, v, propagate_nan=tl.PropagateNan.ALL)
     if AVERAGE:
         acc = acc / (KY * KX)
-    tl.store(out_ptr + nc * Ho * Wo + offs, _to_output(acc, out_ptr), mask=mask)
+    tl.store(out_ptr + (nc * Ho * Wo + offs), _to_output(acc, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -88,7 +109,7 @@ def anch_conv2d_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, O, C, Ho, Wo, sxn, sxc, 
     n_mask = rn < O
     q = rm % Wo
     p = (rm // Wo) % Ho
-    img = rm // (Wo * Ho)
+    img = (rm // Wo) // Ho
     y0 = _anchor_start(p, SAY, DAY)
     x0 = _anchor_start(q, SAX, DAX)
     a_row = img * sxn + y0 * sxh + x0 * sxw
@@ -101,14 +122,15 @@ def anch_conv2d_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, O, C, Ho, Wo, sxn, sxc, 
         t = rk % (KY * KX)
         ty = t // KX
         tx = t % KX
-        a_col = ch * sxc + ty * DY * sxh + tx * DX * sxw
+        a_col = ch.to(tl.int64) * sxc + ty * DY * sxh + tx * DX * sxw
         a = tl.load(x_ptr + a_row[:, None] + a_col[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
         b_off = ch * swc + ty * swy + tx * swx
         b = tl.load(w_ptr + b_off[:, None] + rn[None, :] * swo, mask=k_mask[:, None] & n_mask[None, :], other=0)
         acc += tl.dot(a.to(acc_t), b.to(acc_t), input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0).to(acc_t)[None, :]
-    out_off = img[:, None] * (O * Ho * Wo) + rn[None, :] * (Ho * Wo) + (p * Wo + q)[:, None]
+    # int64 throughout (img, rn, p, q are): O*Ho*Wo alone is computed in int32
+    out_off = ((img[:, None] * O + rn[None, :]) * Ho + p[:, None]) * Wo + q[:, None]
     tl.store(out_ptr + out_off, _to_output(acc, out_ptr), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -119,9 +141,9 @@ def anch_pool2d_triton(x: torch.Tensor, axis_y, axis_x, out_hw, average: bool) -
     out = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device)
     ky, dy, say, day = axis_y
     kx, dx, sax, dax = axis_x
-    grid = (n * c, triton.cdiv(ho * wo, POOL_BLOCK))
-    anch_pool2d_kernel[grid](x, out, c, ho, wo, *x.stride(), dy, dx, say, sax, day, dax, KY=ky, KX=kx,
-                             AVERAGE=average, IS_F64=x.dtype == torch.float64, BLOCK=POOL_BLOCK)
+    cfg = pool_config(x.dtype, (ky, kx), average)
+    nblk = triton.cdiv(ho * wo, cfg["BLOCK"])
+    anch_pool2d_kernel[(n * c * nblk,)](x, out, c, ho, wo, nblk, *x.stride(), dy, dx, say, sax, day, dax, **cfg)
     return out
 
 
@@ -134,9 +156,8 @@ def anch_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias, axis_y, axis
     ky, dy, say, day = axis_y
     kx, dx, sax, dax = axis_x
     m = n * ho * wo
-    grid = (triton.cdiv(m, CONV_BLOCK_M), triton.cdiv(o, CONV_BLOCK_N))
+    cfg = conv_config(x.dtype, (ky, kx), bias is not None)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(o, cfg["BLOCK_N"]))  # axis 1: O / 32 blocks, far below 65535
     anch_conv2d_kernel[grid](x, weight, out if bias is None else bias, out, m, o, x.shape[1], ho, wo, *x.stride(),
-                             *weight.stride(), dy, dx, say, sax, day, dax, KY=ky, KX=kx, HAS_BIAS=bias is not None,
-                             IS_F64=x.dtype == torch.float64, BLOCK_M=CONV_BLOCK_M, BLOCK_N=CONV_BLOCK_N,
-                             BLOCK_K=CONV_BLOCK_K)
+                             *weight.stride(), dy, dx, say, sax, day, dax, **cfg)
     return out

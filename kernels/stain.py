@@ -5,12 +5,30 @@ uint8: out_j = rint(clip((T[0][j][r] * T[1][j][g]) * T[2][j][b], 0, 255)) with t
 per-image tables T (N, 3, 3, 256) of pyfastscan.ops.stain.fused_params: the same products
 in the same order as the C++ and CUDA kernels, so the same bits.
 float32: out_j = min(exp(sum_i ln(max(P_i, 1e-6)) M_ij + k_j), 1).
+
+The grid is one axis (axis 1 stops at 65535 blocks, 268 M pixels at 4096 a block).
+``stain_config`` chooses the block: small on a GPU (the uint8 kernel gathers nine table
+entries per pixel; at 4096 pixels a program it needed 255 registers and spilled), large
+under the CPU interpreter, where each program is slow to start.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 4096  # pixels per program; large, for the CPU interpreter
+INTERPRET_BLOCK = 4096  # pixels per program under TRITON_INTERPRET=1
+GPU_BLOCK = {True: 512, False: 1024}  # uint8, float32
+NUM_WARPS = 4
+
+
+def stain_config(is_u8: bool, interpret: bool = None) -> dict:
+    """The constexprs and launch options hed_augment_triton uses (interpret: under
+    TRITON_INTERPRET=1; default: as this process runs)."""
+    if interpret is None:
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    block = INTERPRET_BLOCK if interpret else GPU_BLOCK[bool(is_u8)]
+    return dict(IS_U8=bool(is_u8), BLOCK=block, num_warps=NUM_WARPS)
 
 
 @triton.jit
@@ -34,12 +52,14 @@ def _float_channel(m_ptr, k_ptr, j: tl.constexpr, l0, l1, l2):
 
 
 @triton.jit
-def hed_augment_kernel(x_ptr, out_ptr, t_ptr, m_ptr, k_ptr, HW, PIX_STRIDE, CH_STRIDE,
+def hed_augment_kernel(x_ptr, out_ptr, t_ptr, m_ptr, k_ptr, HW, NBLK, PIX_STRIDE, CH_STRIDE,
                        IS_U8: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid: (N, cdiv(HW, BLOCK)). Image i is contiguous, 3*HW elements; channel c of pixel
-    p is at p * PIX_STRIDE + c * CH_STRIDE (planar: 1, HW; interleaved: 3, 1)."""
-    i = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """Grid: (N*NBLK,), NBLK = cdiv(HW, BLOCK) blocks per image. Image i is contiguous,
+    3*HW elements; channel c of pixel p is at p * PIX_STRIDE + c * CH_STRIDE (planar: 1, HW;
+    interleaved: 3, 1)."""
+    pid = tl.program_id(0).to(tl.int64)
+    i = pid // NBLK
+    p = (pid % NBLK) * BLOCK + tl.arange(0, BLOCK)
     mask = p < HW
     base = i * 3 * HW + p * PIX_STRIDE
     c0, c1, c2 = base, base + CH_STRIDE, base + 2 * CH_STRIDE
@@ -70,5 +90,6 @@ def hed_augment_triton(x: torch.Tensor, out: torch.Tensor, params, channels_last
     t = params.tables.to(dev) if is_u8 else torch.empty(1, device=dev)
     m = params.m.to(dev, torch.float32).contiguous()
     k = params.k.to(dev, torch.float32).contiguous()
-    grid = (n, triton.cdiv(hw, BLOCK))
-    hed_augment_kernel[grid](x, out, t, m, k, hw, pix, ch, IS_U8=is_u8, BLOCK=BLOCK)
+    cfg = stain_config(is_u8)
+    nblk = triton.cdiv(hw, cfg["BLOCK"])
+    hed_augment_kernel[(n * nblk,)](x, out, t, m, k, hw, nblk, pix, ch, **cfg)
