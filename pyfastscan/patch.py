@@ -104,6 +104,25 @@ class _Probe:
         self.peak = max(self.peak, sum(storages.values()))
 
 
+def _blocks(k0: int, k1: int, ny: int, nx: int):
+    """Patches k0 .. k1 - 1 (in map order over N images of ny x nx cells) as rectangles of
+    the map: parts of one row, or runs of whole rows; at most three per image.
+    Yields (image, row slice, column slice, offset from k0, count)."""
+    k = k0
+    while k < k1:
+        img, r = divmod(k, ny * nx)
+        i, j = divmod(r, nx)
+        left = k1 - k
+        if j > 0 or left < nx:
+            count = min(nx - j, left)
+            yield img, slice(i, i + 1), slice(j, j + count), k - k0, count
+        else:
+            rows = min(left // nx, ny - i)
+            count = rows * nx
+            yield img, slice(i, i + rows), slice(0, nx), k - k0, count
+        k += count
+
+
 class PatchModel(nn.Module):
     """The classifier ``model`` on every patch of a ROI: the scanner of patch mode.
 
@@ -268,7 +287,7 @@ class PatchModel(nn.Module):
             x = (x - mean) / std
         n, c = x.shape[:2]
         ny, nx = g.output_side(x.shape[2]), g.output_side(x.shape[3])
-        per_image, total = ny * nx, n * ny * nx
+        total = n * ny * nx
         classes = self._probe()["classes"]
         out_dtype = torch.float32 if self.precision == "bf16" else self.input_dtype
         out = torch.empty(n, classes, ny, nx, dtype=out_dtype, device=x.device)
@@ -279,22 +298,18 @@ class PatchModel(nn.Module):
         buf = torch.empty(b_max, c, p, p, dtype=self._run_dtype, device=x.device, memory_format=torch.channels_last)
         for k0 in range(0, total, b_max):
             k1 = min(k0 + b_max, total)
-            segments = []  # (image, row, first column, last column + 1, offset in the batch)
-            k = k0
-            while k < k1:  # whole row segments: one strided copy each
-                img, r = divmod(k, per_image)
-                i, j = divmod(r, nx)
-                j1 = min(nx, j + k1 - k)
-                segments.append((img, i, j, j1, k - k0))
-                buf[k - k0:k - k0 + j1 - j].copy_(view[img, :, i, j:j1].transpose(0, 1))
-                k += j1 - j
+            blocks = list(_blocks(k0, k1, ny, nx))
+            for img, rows, cols, off, count in blocks:  # one strided copy per block
+                buf[off:off + count].unflatten(0, (rows.stop - rows.start, cols.stop - cols.start)).copy_(
+                    view[img, :, rows, cols].permute(1, 2, 0, 3, 4))
             y = self._run(buf[:k1 - k0])
             if y.shape != (k1 - k0, classes) and y.shape != (k1 - k0, classes, 1, 1):
                 raise InvalidArgumentError(f"the model returned {tuple(y.shape)} for {k1 - k0} patches; expected "
                                            f"({k1 - k0}, {classes}) or ({k1 - k0}, {classes}, 1, 1)")
             y = y.reshape(k1 - k0, classes)
-            for img, i, j, j1, off in segments:
-                out[img, :, i, j:j1] = y[off:off + j1 - j].T
+            for img, rows, cols, off, count in blocks:
+                out[img, :, rows, cols] = y[off:off + count].unflatten(
+                    0, (rows.stop - rows.start, cols.stop - cols.start)).permute(2, 0, 1)
         return out
 
     def extra_repr(self) -> str:

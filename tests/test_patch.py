@@ -11,6 +11,7 @@ too but grows with depth to ~0.05 for ResNet-18, too loose to test anything.
 import copy
 import doctest
 import math
+from itertools import product
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from pyfastscan import InvalidArgumentError, geometry, to_dense
 from pyfastscan import patch as patch_module
 from pyfastscan.models import resnet as resnet_module
 from pyfastscan.models.resnet import BasicBlock, Bottleneck, resnet18, resnet50
-from pyfastscan.patch import PatchModel, dense_savings
+from pyfastscan.patch import PatchModel, _blocks, dense_savings
 
 PATCH = 32
 NORM = ((0.7, 0.6, 0.5), (0.2, 0.25, 0.3))
@@ -164,6 +165,21 @@ def test_equals_literal_loop(step, batch_size):
         out = pm(x)
     assert out.dtype == F64 and pm.input_dtype == F64
     _assert_close_to_loop(out, _LOOPS[key], model, x, PATCH, step, normalize)
+
+
+def test_blocks_tile_the_batch_in_map_order():
+    """Each batch is cut into rectangles of the map (parts of a row, runs of whole rows) that
+    cover its patches once, in order: at most 3 per image."""
+    for n, ny, nx, b in product((1, 2), (1, 3), (1, 4), (1, 3, 5, 12, 100)):
+        seen = []
+        for k0 in range(0, n * ny * nx, b):
+            k1 = min(k0 + b, n * ny * nx)
+            blocks = list(_blocks(k0, k1, ny, nx))
+            assert len(blocks) <= 3 * len({img for img, *_ in blocks})
+            for img, rows, cols, off, count in blocks:
+                assert off == len(seen) - k0 and count == (rows.stop - rows.start) * (cols.stop - cols.start)
+                seen += [(img, i, j) for i in range(rows.start, rows.stop) for j in range(cols.start, cols.stop)]
+        assert seen == list(product(range(n), range(ny), range(nx)))
 
 
 def test_bf16_within_twice_pytorch_error():
