@@ -41,9 +41,14 @@ def _load_cli_model(args):
     from .models.files import read_card
 
     file_card = read_card(args.weights)
-    if file_card is not None and args.arch in (None, file_card.arch) and kwargs is not None:
+    arch = args.arch
+    if arch is None and file_card is None and getattr(args, "default_arch", None):
+        arch = args.default_arch
+        warnings.warn(f"{args.weights} does not name its architecture; using {arch}, the {args.command} job's "
+                      "default (pass --arch to choose)")
+    if file_card is not None and arch in (None, file_card.arch) and kwargs is not None:
         kwargs = dict(file_card.arch_kwargs, **kwargs)  # options add to the file's arguments
-    model = load_model(args.weights, arch=args.arch, arch_kwargs=kwargs)
+    model = load_model(args.weights, arch=arch, arch_kwargs=kwargs)
     card = override_card(card_of(model), "--option", mpp=args.mpp, positive_class=args.positive_class,
                          patch=args.patch, stride=args.stride)
     setattr(model, CARD_ATTR, card)
@@ -134,7 +139,8 @@ def _slides(args, run_one) -> int:
 def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
     p = sub.add_parser(name, help=help)
     p.add_argument("slides", nargs="+", metavar="SLIDE")
-    _model_options(p, alpha, f"e.g. {arch}")
+    _model_options(p, alpha, f"default {arch} for a file that names none")
+    p.set_defaults(default_arch=arch)
     p.add_argument("--out", required=True, help="output folder (one sub-folder per slide when several)")
     p.add_argument("--per-slide-folder", action="store_true", help="use OUT/<slide name> for a single slide too")
     p.add_argument("--mpp", type=float, default=None,

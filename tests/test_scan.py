@@ -310,13 +310,15 @@ def test_a_checkpoint_of_another_scan_is_refused(tmp_path):
 
 
 def test_auto_roi_size_is_the_largest_that_fits_the_budget():
+    from pyfastscan.pipeline.readers import max_read_ahead
     from pyfastscan.pipeline.scan import choose_roi_outputs
 
     dense = to_dense(_model(torch.float32), 2)
     g = dense.geometry
+    buffers = max_read_ahead(2) + 1  # 2 readers: the ROIs read ahead and the one in the model
 
     def need(L):
-        return 2 * dense.activation_bytes(g.input_side(L)) + 3 * 3 * 4 * g.input_side(L) ** 2  # 3 float32 ROIs
+        return 2 * dense.activation_bytes(g.input_side(L)) + buffers * 3 * 4 * g.input_side(L) ** 2  # float32 ROIs
 
     budget = need(37) + 1
     assert choose_roi_outputs(dense, budget, workers=2) == 37
@@ -324,7 +326,7 @@ def test_auto_roi_size_is_the_largest_that_fits_the_budget():
     assert choose_roi_outputs(dense, 1 << 40, workers=2) == 256
     with pytest.raises(InvalidArgumentError, match="memory budget"):
         choose_roi_outputs(dense, 1000)
-    res = scan_slide(ArraySlide(_image()), _model(torch.float32), alpha=2, memory=need(9), progress=False)
+    res = scan_slide(ArraySlide(_image()), _model(torch.float32), alpha=2, memory=need(9), progress=False, workers=2)
     assert res.geometry["roi_outputs"] == 9
 
 
