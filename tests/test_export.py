@@ -5,6 +5,7 @@ float32 evaluations of the same sums, each within B = network_error_bound (the r
 bound of the patch classifier, propagated layer by layer in float64) of the exact
 function, so they differ by at most 2B; so does ONNX Runtime from the literal patch loop.
 """
+import copy
 import logging
 import os
 
@@ -190,3 +191,55 @@ def test_argument_errors(tmp_path, kwargs, message):
     with pytest.raises(InvalidArgumentError, match=message):
         export_onnx(dense, tmp_path / "m.onnx", **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_a_self_describing_weights_file(tmp_path, capsys):
+    """`pyfastscan export --weights FILE --alpha A --roi-outputs L out.onnx`: the model and its
+    normalisation come from the file; ONNX Runtime gives the dense model's map."""
+    from pyfastscan import load_model, save_model
+    from pyfastscan.cli import main
+    from pyfastscan.models import demo_cnn
+
+    net = _seeded(demo_cnn())
+    weights = tmp_path / "w" / "demo.safetensors"
+    weights.parent.mkdir()
+    norm = ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    save_model(net, weights, arch="demo_cnn", classes=["a", "b"], positive_class=1, mpp=1.0, normalize=norm)
+    out = tmp_path / "onnx" / "demo.onnx"
+    out.parent.mkdir()
+    assert main(["export", "--weights", str(weights), "--alpha", "2", "--roi-outputs", "4", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    dense = to_dense(load_model(weights), 2, normalize=norm)
+    _check_file(out, export_info(dense, 4), dense, 4)
+    x = torch.rand(1, 3, dense.geometry.input_side(4), dense.geometry.input_side(4),
+                   generator=torch.Generator().manual_seed(3))
+    got = _run(out, x)
+    with torch.no_grad():
+        ref = dense(x)
+    assert got.shape == ref.shape
+    # both run the same float32 network, the normalisation folded into the first convolution
+    # (w / std, b - sum w * mean / std): each is within that network's float32 bound on the
+    # raw input, so they differ by at most twice it
+    mean, std = (torch.tensor(v) for v in norm)
+    folded = copy.deepcopy(net)
+    with torch.no_grad():
+        first = folded[0]
+        first.bias -= (first.weight * (mean / std).reshape(1, 3, 1, 1)).sum((1, 2, 3))
+        first.weight /= std.reshape(1, 3, 1, 1)
+    g = dense.geometry
+    crops = torch.cat([x[:, :, i * g.step:i * g.step + g.patch, j * g.step:j * g.step + g.patch].double()
+                       for i in range(4) for j in range(4)])
+    bound = network_error_bound(_flatten(folded), crops, torch.float32)
+    bound = 2 * bound.reshape(16, 1, -1).permute(1, 2, 0).reshape(ref.shape)
+    bad = (got.double() - ref.double()).abs() > bound
+    assert not bad.any(), _where(bad, got.double(), ref.double(), bound)
+    assert main(["export", "--weights", str(tmp_path / "missing.safetensors"), "--roi-outputs", "4",
+                 str(out)]) == 2
+
+
+def export_info(dense, roi_outputs):
+    g = dense.geometry
+    side = g.input_side(roi_outputs)
+    return {"geometry": dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, input_side=side,
+                             output_side=roi_outputs), "input_shape": ("N", 3, side, side),
+            "output_shape": ("N", 2, roi_outputs, roi_outputs)}

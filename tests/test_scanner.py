@@ -1,0 +1,82 @@
+"""Dense or patch mode, chosen per model; both give the patch-by-patch map of a whole slide
+(DESIGN.md 6.2)."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import gamma, network_error_bound, patch_loop
+from pyfastscan import InvalidArgumentError, scan_slide, to_dense
+from pyfastscan.dense import DenseModel, _flatten
+from pyfastscan.models import residual_fcn, resnet18
+from pyfastscan.models.files import CARD_ATTR, ModelCard
+from pyfastscan.patch import PatchModel
+from pyfastscan.pipeline.scanner import make_scanner
+from test_patch import _first_order_bound
+from test_scan import ArraySlide, _image, _model
+
+
+def _padded(width=4):
+    torch.manual_seed(0)
+    return resnet18(num_classes=2, width=width).double().eval()
+
+
+def test_auto_picks_dense_for_a_padding_free_net_and_patch_for_a_padded_one():
+    sc = make_scanner(residual_fcn(width=4).eval(), alpha=2)
+    assert sc.mode == "dense" and isinstance(sc.model, DenseModel) and sc.note is None
+    net = _padded()
+    setattr(net, CARD_ATTR, ModelCard("resnet18", {"width": 4}, ("n", "t"), 1, 0.5, None, 64, 32))
+    sc = make_scanner(net, alpha=2)
+    assert sc.mode == "patch" and isinstance(sc.model, PatchModel)
+    assert sc.model.geometry.patch == 64 and sc.model.geometry.step == 16  # stride 32 / alpha 2
+    assert "not dense-convertible" in sc.note and "padding" in sc.note and "fewer multiply-adds" in sc.note
+    with pytest.raises(InvalidArgumentError, match="padding"):
+        make_scanner(net, mode="dense", alpha=2)
+    with pytest.raises(InvalidArgumentError, match="patch mode needs the patch size.*--patch"):
+        make_scanner(_padded(), alpha=1)
+    with pytest.raises(InvalidArgumentError, match="alpha must be a positive integer dividing the stride 32"):
+        make_scanner(net, alpha=3)
+    with pytest.raises(InvalidArgumentError, match="mode must be one of"):
+        make_scanner(net, mode="fast")
+    dense = to_dense(_model(), 2)
+    assert make_scanner(dense).model is dense
+    with pytest.raises(InvalidArgumentError, match="conflicts"):
+        make_scanner(dense, mode="patch")
+
+
+def test_patch_mode_scan_equals_dense_mode_scan_and_the_patch_loop():
+    """The same padding-free model scanned both ways over a whole (in-memory) slide."""
+    model, img = _model(), _image()
+    kw = dict(alpha=2, tissue_mask=np.ones((17, 14), dtype=bool), progress=False, roi_outputs=6)
+    dense = scan_slide(ArraySlide(img), model, mode="dense", **kw)
+    g = to_dense(model, 2).geometry
+    patch = scan_slide(ArraySlide(img), model, mode="patch", patch=g.patch, stride=g.stride, batch_size=7, **kw)
+    assert dense.model["mode"] == "dense" and patch.model["mode"] == "patch"
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255
+    loop = torch.softmax(patch_loop(model, x, g.patch, g.step), dim=1)[0, 1].numpy()
+    crops = torch.cat([x[:, :, i * g.step:i * g.step + g.patch, j * g.step:j * g.step + g.patch]
+                       for i in range(loop.shape[0]) for j in range(loop.shape[1])])
+    bound = network_error_bound(_flatten(model), crops, torch.float64).amax(dim=1).reshape(loop.shape).numpy()
+    store = 2.0 ** -24 * np.abs(loop)
+    for res in (dense, patch):
+        assert res.heatmap.shape == loop.shape
+        assert np.all(np.abs(res.heatmap.astype(np.float64) - loop) <= 2 * bound + store)
+
+
+def test_padded_resnet_in_patch_mode_equals_the_literal_patch_loop():
+    net = _padded()
+    img = _image(120, 110)
+    kw = dict(alpha=1, tissue_mask=np.ones((12, 11), dtype=bool), progress=False, roi_outputs=3)
+    res = scan_slide(ArraySlide(img), net, patch=32, stride=16, **kw)
+    assert res.model["mode"] == "patch" and "padding" in res.model["note"]
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255
+    ny, nx = res.heatmap.shape
+    assert (ny, nx) == ((120 - 32) // 16 + 1, (110 - 32) // 16 + 1)
+    crops = torch.cat([x[:, :, i * 16:i * 16 + 32, j * 16:j * 16 + 32] for i in range(ny) for j in range(nx)])
+    with torch.inference_mode():
+        logits = torch.cat([net(c[None]) for c in crops])
+    loop = torch.softmax(logits, dim=1)[:, 1].reshape(ny, nx).numpy()
+    # softmax is 1/4-Lipschitz in the logit difference: the logits' bound (both classes) carries
+    # over; each path's softmax adds its own roundings (exp, sum, division), the map one float32
+    bound = 2 * _first_order_bound(net, crops).sum(1).reshape(ny, nx).numpy() / 4
+    store = 2.0 ** -24 * np.abs(loop) + 2 * gamma(6, torch.float64) * np.abs(loop)
+    assert np.all(np.abs(res.heatmap.astype(np.float64) - loop) <= bound + store)
