@@ -1,5 +1,9 @@
 """Build script: drives CMakeLists.txt to build pyfastscan._C (and _C_cuda when nvcc is found).
 
+Both modules are declared as extensions (``ext_modules()``), each built as its own CMake
+target: setuptools copies only declared extensions into place (an editable install keeps
+nothing else), so a _C_cuda built but not declared would be dropped.
+
 Environment:
     FORCE_CUDA=1        build the CUDA kernels even if nvcc is not on PATH (CUDACXX or
                         CMAKE_CUDA_COMPILER must then point at it).
@@ -33,6 +37,13 @@ def _want_cuda():
     return (True, f"nvcc found at {nvcc}") if nvcc else (False, "nvcc not found")
 
 
+def ext_modules():
+    """The extensions this build produces: pyfastscan._C always, pyfastscan._C_cuda when
+    the CUDA kernels are configured (tests/test_build.py checks this against nvcc)."""
+    names = ["pyfastscan._C"] + (["pyfastscan._C_cuda"] if _want_cuda()[0] else [])
+    return [CMakeExtension(n) for n in names]
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         import pybind11
@@ -43,9 +54,11 @@ class CMakeBuild(build_ext):
         cuda, why = _want_cuda()
         cpu_src = sorted(glob.glob(str(ROOT / "csrc" / "cpu" / "*.cpp")))
         cuda_src = sorted(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu")))
-        print(f"pyfastscan build: _C from csrc/bindings.cpp + {len(cpu_src)} file(s) in csrc/cpu", flush=True)
-        print(f"pyfastscan build: CUDA {'ON' if cuda else 'OFF'} ({why})"
-              + (f", {len(cuda_src)} .cu file(s) in csrc/cuda" if cuda else ""), flush=True)
+        target = ext.name.rsplit(".", 1)[-1]
+        if target == "_C":  # one configure report per build, not per extension
+            print(f"pyfastscan build: _C from csrc/bindings.cpp + {len(cpu_src)} file(s) in csrc/cpu", flush=True)
+            print(f"pyfastscan build: CUDA {'ON' if cuda else 'OFF'} ({why})"
+                  + (f", {len(cuda_src)} .cu file(s) in csrc/cuda" if cuda else ""), flush=True)
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={outdir}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -56,10 +69,10 @@ class CMakeBuild(build_ext):
         env = dict(os.environ)
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_temp), *args], check=True, env=env)
-        subprocess.run(["cmake", "--build", str(build_temp)], check=True, env=env)
+        subprocess.run(["cmake", "--build", str(build_temp), "--target", target], check=True, env=env)
 
 
 setup(
-    ext_modules=[CMakeExtension("pyfastscan._C")],
+    ext_modules=ext_modules(),
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 # Blocks are large enough for tl.dot (>= 16) and few enough for the CPU interpreter.
 POOL_BLOCK = 256
 # BLOCK_K 16, not 32: at 32 the float64 and 3x3 float32 kernels spilled on sm_80 (128+ registers)
@@ -143,7 +145,8 @@ def anch_pool2d_triton(x: torch.Tensor, axis_y, axis_x, out_hw, average: bool) -
     kx, dx, sax, dax = axis_x
     cfg = pool_config(x.dtype, (ky, kx), average)
     nblk = triton.cdiv(ho * wo, cfg["BLOCK"])
-    anch_pool2d_kernel[(n * c * nblk,)](x, out, c, ho, wo, nblk, *x.stride(), dy, dx, say, sax, day, dax, **cfg)
+    with on_device(x):
+        anch_pool2d_kernel[(n * c * nblk,)](x, out, c, ho, wo, nblk, *x.stride(), dy, dx, say, sax, day, dax, **cfg)
     return out
 
 
@@ -158,6 +161,7 @@ def anch_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias, axis_y, axis
     m = n * ho * wo
     cfg = conv_config(x.dtype, (ky, kx), bias is not None)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(o, cfg["BLOCK_N"]))  # axis 1: O / 32 blocks, far below 65535
-    anch_conv2d_kernel[grid](x, weight, out if bias is None else bias, out, m, o, x.shape[1], ho, wo, *x.stride(),
-                             *weight.stride(), dy, dx, say, sax, day, dax, **cfg)
+    with on_device(x):
+        anch_conv2d_kernel[grid](x, weight, out if bias is None else bias, out, m, o, x.shape[1], ho, wo,
+                                 *x.stride(), *weight.stride(), dy, dx, say, sax, day, dax, **cfg)
     return out

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 INTERPRET_BLOCK = 4096  # pixels per program under TRITON_INTERPRET=1
 GPU_BLOCK = {True: 512, False: 1024}  # uint8, float32
 NUM_WARPS = 4
@@ -92,4 +94,5 @@ def hed_augment_triton(x: torch.Tensor, out: torch.Tensor, params, channels_last
     k = params.k.to(dev, torch.float32).contiguous()
     cfg = stain_config(is_u8)
     nblk = triton.cdiv(hw, cfg["BLOCK"])
-    hed_augment_kernel[(n * nblk,)](x, out, t, m, k, hw, nblk, pix, ch, **cfg)
+    with on_device(x):
+        hed_augment_kernel[(n * nblk,)](x, out, t, m, k, hw, nblk, pix, ch, **cfg)

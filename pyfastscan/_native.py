@@ -3,6 +3,7 @@ import importlib
 
 _modules = {}
 _errors = {}
+_device_errors = {}  # id(module) -> (module, error or None)
 
 
 def _load(name):
@@ -32,6 +33,34 @@ def cpu_error():
 def cuda_error():
     _load("_C_cuda")
     return _errors.get("_C_cuda")
+
+
+def cuda_device_error():
+    """Why the loaded _C_cuda cannot use a CUDA device, or None: the ``device_error`` of its
+    build_info() (its CUDA runtime's cudaGetDeviceCount, e.g. "CUDA driver version is
+    insufficient for CUDA runtime version" for a CUDA 13 build on an older driver). Asked
+    once per module; None when _C_cuda is not loaded (see cuda_error())."""
+    mod = cuda()
+    if mod is None:
+        return None
+    entry = _device_errors.get(id(mod))
+    if entry is None or entry[0] is not mod:
+        try:
+            err = mod.build_info().get("device_error") or None
+        except Exception as exc:  # a broken module must not break backend choice
+            err = f"build_info() failed: {type(exc).__name__}: {exc}"
+        entry = _device_errors[id(mod)] = (mod, err)
+    return entry[1]
+
+
+def cuda_device_index(t) -> int:
+    """Index of the CUDA device t is on, the ``device`` argument of every _C_cuda launcher
+    (which makes it current for the launch and restores the caller's afterwards)."""
+    if t.device.index is not None:
+        return t.device.index
+    import torch
+
+    return torch.cuda.current_device()
 
 
 def buffer(t):

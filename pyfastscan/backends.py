@@ -4,8 +4,9 @@ Every op offers some of the backends ``torch`` (the pure-PyTorch reference), ``c
 (C++), ``cuda`` (CUDA C++), ``triton`` and ``numba`` (Numba CUDA). ``backend="auto"`` walks a priority list for
 the input's device and takes the first backend that can run the call; a backend that
 cannot says why. The environment variable ``PYFASTSCAN_BACKEND`` replaces ``"auto"``
-(an explicit ``backend=`` argument still wins). The backend that ran is recorded:
-``last_backend(op)``.
+(an explicit ``backend=`` argument still wins) for the ops that have that backend; the
+others go on with ``auto``, and say so in the log once. The backend that ran is
+recorded: ``last_backend(op)``.
 
 Triton runs on CPU tensors only under its interpreter (``TRITON_INTERPRET=1``, set before
 the first kernel module is imported), and ``auto`` never picks it there: the interpreter
@@ -38,6 +39,10 @@ class Impl:
 
     run: Callable
     reason: Callable[..., Optional[str]] = lambda *a, **k: None
+    # Replaces the backend's device check (``_DEVICE_REASON``) when given: called as
+    # ``device_reason(device, *args)``, for a backend that does not always need its
+    # native module (AnchConv on CUDA lowered to cuDNN).
+    device_reason: Optional[Callable[..., Optional[str]]] = None
 
 
 def last_backend(op: str) -> Optional[str]:
@@ -71,6 +76,10 @@ def cuda_reason(device: torch.device) -> Optional[str]:
         return f"pyfastscan._C_cuda is not available ({_native.cuda_error()}); it is built when nvcc is found"
     if device.type != "cuda":
         return f"tensor on {device.type}, the CUDA kernels take CUDA tensors"
+    err = _native.cuda_device_error()
+    if err is not None:  # e.g. a CUDA 13 build on an older driver, while torch still sees the GPU
+        return (f"pyfastscan._C_cuda cannot use a device ({err}); build it with the CUDA version of the "
+                f"driver (nvidia-smi), or update the driver")
     return None
 
 
@@ -99,15 +108,17 @@ def dispatch(op: str, backend: str, impls: dict, device: torch.device, *args):
         device: device of the op's tensors (validated to agree beforehand).
         *args: passed to ``Impl.reason`` and ``Impl.run``.
     """
-    if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
     if backend != "auto" and backend not in BACKENDS:
         raise InvalidArgumentError(f"{op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = _from_environment(op, impls)
 
     def why_not(name):
         if name not in impls:
             return f"{op} has no {name} backend"
-        return _DEVICE_REASON[name](device) or impls[name].reason(*args)
+        impl = impls[name]
+        dev = impl.device_reason(device, *args) if impl.device_reason else _DEVICE_REASON[name](device)
+        return dev or impl.reason(*args)
 
     if backend != "auto":
         reason = why_not(backend)
@@ -132,6 +143,21 @@ def dispatch(op: str, backend: str, impls: dict, device: torch.device, *args):
                 logger.warning("%s: backend %r skipped (%s); using %r", op, name, reason, chosen)
     _last[op] = chosen
     return impls[chosen].run(*args)
+
+
+def _from_environment(op: str, impls: dict) -> str:
+    """The backend PYFASTSCAN_BACKEND asks for, when ``op`` has it; else "auto" (logged once)."""
+    env = os.environ.get(ENV_VAR, "auto") or "auto"
+    if env != "auto" and env not in BACKENDS:
+        raise InvalidArgumentError(f"{ENV_VAR} must be 'auto' or one of {BACKENDS}, got {env!r}")
+    if env != "auto" and env not in impls:
+        key = (op, ENV_VAR, env)
+        if key not in _warned:
+            _warned.add(key)
+            logger.warning("%s: %s=%s ignored, %s has no %s backend (it has %s); using auto", op, ENV_VAR, env, op,
+                           env, ", ".join(impls))
+        return "auto"
+    return env
 
 
 def build_info() -> dict:

@@ -291,3 +291,105 @@ def test_modules_match_standard_layers():
     torch.testing.assert_close(AnchPool2d(2, anchor_stride=2, operating_distance=1)(x), F.max_pool2d(x, 2))
     fresh = AnchConv2d(3, 6, (3, 2), anchor_stride=4, operating_distance=2, dilation=2, dtype=torch.float64)
     assert fresh(x).shape == (2, 6, 9, 8) and "anchor_stride=4" in repr(fresh)
+
+
+# ----------------------------------------------------------------------------- CUDA dispatch (no GPU needed)
+
+
+class _FakeCuda:
+    """Stands in for pyfastscan._C_cuda: records launches instead of running them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def anchor_conv2d(self, *args):
+        self.calls.append(("anchor_conv2d", args))
+
+    def anchor_pool2d(self, *args):
+        self.calls.append(("anchor_pool2d", args))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_conv_lowering_decision(case):
+    """Lowered to an ordinary convolution exactly when every axis is one (d_a = 1 or
+    s_a = d_a), with that convolution's stride and dilation."""
+    from pyfastscan.ops.anchor import conv_lowering
+
+    ay, ax = (AnchorAxis(*a) for a in axes(case))
+    low = conv_lowering(ay, ax)
+    standard = all(a.operating_distance == 1 or a.anchor_stride == a.operating_distance for a in (ay, ax))
+    assert (low is not None) == standard
+    if low is not None:
+        (sy, sx), (dy, dx) = low
+        x = make_input(case[0], torch.float64, "contiguous")
+        w = torch.randn(3, case[0][1], ay.kernel, ax.kernel, dtype=torch.float64)
+        torch.testing.assert_close(F.conv2d(x, w, stride=(sy, sx), dilation=(dy, dx)),
+                                   anch_conv2d_ref(x, w, None, tuple(ay), tuple(ax)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[7], CASES[3], CASES[8]], ids=case_id)
+def test_cuda_conv_lowers_standard_axes_to_conv2d(case, monkeypatch):
+    """The cuda backend runs F.conv2d (cuDNN) for ordinary strided / dilated axes and its
+    anchor kernel only otherwise; a lowered call needs no _C_cuda and may require grad."""
+    from pyfastscan.ops import anchor as anchor_ops
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(_native, "cuda", lambda: fake)
+    monkeypatch.setattr(_native, "cuda_device_index", lambda t: 0)
+    monkeypatch.setattr(anchor_ops, "_stream", lambda t: 0)
+    ay, ax = (AnchorAxis(*a) for a in axes(case))
+    x = make_input(case[0], torch.float64, "contiguous")
+    w = torch.randn(3, case[0][1], ay.kernel, ax.kernel, dtype=torch.float64)
+    out = anchor_ops.anch_conv2d_cuda(x, w, None, ay, ax)
+    lowered = anchor_ops.conv_lowering(ay, ax) is not None
+    assert [c[0] for c in fake.calls] == ([] if lowered else ["anchor_conv2d"])
+    if lowered:
+        torch.testing.assert_close(out, anch_conv2d_ref(x, w, None, tuple(ay), tuple(ax)), rtol=1e-12, atol=1e-12)
+    # the device check: a lowered call on a CUDA tensor does not need _C_cuda at all
+    monkeypatch.setattr(_native, "cuda", lambda: None)
+    reason = anchor_ops._conv_cuda_device_reason(torch.device("cuda", 0), x, w, None, ay, ax)
+    assert (reason is None) == lowered, reason
+    grad_reason = anchor_ops._conv_reason(x.requires_grad_(), w, None, ay, ax)
+    assert grad_reason is None if lowered else "grad" in grad_reason
+
+
+def test_cuda_launchers_pass_the_tensor_device(monkeypatch):
+    """Each _C_cuda launcher gets the index of the tensor's device (it makes that device
+    current for the launch), right before the stream, as csrc/cuda/bindings_cuda.cpp takes it."""
+    from pyfastscan.ops import anchor as anchor_ops
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(_native, "cuda", lambda: fake)
+    monkeypatch.setattr(_native, "cuda_device_index", lambda t: 1)
+    monkeypatch.setattr(anchor_ops, "_stream", lambda t: 777)
+    x = make_input((1, 2, 19, 23), torch.float32, "contiguous")
+    ay, ax = (AnchorAxis(*a) for a in axes(CASES[3]))
+    anchor_ops.anch_pool2d_cuda(x, ay, ax, "max")
+    anchor_ops.anch_conv2d_cuda(x, torch.randn(3, 2, 2, 2), None, ay, ax)
+    assert [c[0] for c in fake.calls] == ["anchor_pool2d", "anchor_conv2d"]
+    assert all(args[-2:] == (1, 777) for _, args in fake.calls), fake.calls
+
+
+def test_cuda_device_index_and_triton_guard():
+    from pyfastscan.kernels import on_device
+
+    class T:
+        device = torch.device("cuda", 1)
+
+    assert _native.cuda_device_index(T()) == 1
+    guard = on_device(T())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(on_device(torch.zeros(1)), torch.cuda.device)
+
+
+def test_cuda_binding_guards_the_device():
+    """The real _C_cuda: a launcher first makes the pointers' device current. With no usable
+    device here, that step fails with the device named, before any launch."""
+    if _native.cuda() is None:
+        pytest.skip(f"pyfastscan._C_cuda not built: {_native.cuda_error()}")
+    if _native.cuda_device_error() is None:
+        pytest.skip("a CUDA device is usable: this test passes null pointers")
+    with pytest.raises(RuntimeError, match="anchor_pool2d: cannot make device 1 current"):
+        _native.cuda().anchor_pool2d(0, 0, 0, 1, 4, 4, (2, 1, 1, 1), (2, 1, 1, 1), False, 1, 0)
+    with pytest.raises(RuntimeError, match="hed_augment_u8: cannot make device 0 current"):
+        _native.cuda().hed_augment_u8(0, 0, 0, 1, 16, False, 0, 0)

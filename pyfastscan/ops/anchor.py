@@ -5,18 +5,19 @@ Follow one call: ``anch_conv2d`` validates its arguments (``_check_*``), then
 
     torch   pyfastscan/reference/anchor.py   anch_conv2d_ref   (the specification)
     cpu     csrc/cpu/anchor_cpu.cpp          anch_conv2d_cpu   (below: lowering or gather + GEMM)
-    cuda    csrc/cuda/anchor_cuda.cu         anch_conv2d_cuda  (below: pointers to _C_cuda)
+    cuda    csrc/cuda/anchor_cuda.cu         anch_conv2d_cuda  (below: lowering or pointers to _C_cuda)
     triton  kernels/anchor.py                anch_conv2d_triton
 
 and tests/test_anchor.py proves each equal to the reference.
 """
+import contextlib
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from .. import _native
-from ..backends import Impl, dispatch
+from ..backends import Impl, cuda_reason, dispatch
 from ..errors import InvalidArgumentError
 from ..reference.anchor import anch_conv2d_ref, anch_pool2d_ref
 
@@ -189,6 +190,56 @@ def anch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return dispatch("anch_conv2d", backend, _CONV_IMPLS, x.device, x, weight, bias, ay, ax)
 
 
+# ----------------------------------------------------------------------------- lowering
+
+
+def conv_lowering(ay: AnchorAxis, ax: AnchorAxis) -> Optional[Tuple[Tuple[int, int], Tuple[int, int]]]:
+    """((stride_y, stride_x), (dilation_y, dilation_x)) of the ordinary convolution an
+    AnchConv equals when every axis is one (d_a = 1, or s_a = d_a), else None.
+
+    The cpu and cuda backends then run ``F.conv2d`` (oneDNN, cuDNN) instead of their
+    anchor kernels (DESIGN.md 5); it has a backward, so those calls may require grad.
+    """
+    sy, sx = ay.is_standard, ax.is_standard
+    if sy is None or sx is None:
+        return None
+    return (sy[0], sx[0]), (sy[1], sx[1])
+
+
+def _lowered_conv(x, weight, bias, lowering) -> torch.Tensor:
+    stride, dilation = lowering
+    if x.device.type != "cuda":
+        return F.conv2d(x, weight, bias, stride=stride, dilation=dilation)
+    with torch.cuda.device(x.device), _ieee_fp32_conv(x.dtype):
+        return F.conv2d(x, weight, bias, stride=stride, dilation=dilation)
+
+
+@contextlib.contextmanager
+def _ieee_fp32_conv(dtype):
+    """cuDNN runs float32 convolutions in TF32 by default; the op promises float32 accuracy
+    (DESIGN.md 5), so float32 runs in IEEE precision for the call. Uses the API of the
+    installed torch (``cudnn.conv.fp32_precision`` since 2.9, else ``cudnn.allow_tf32``):
+    mixing the two makes torch raise."""
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    if dtype != torch.float32:
+        yield
+    elif conv is not None and hasattr(conv, "fp32_precision"):
+        before = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = before
+    else:
+        before = cudnn.allow_tf32
+        cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            cudnn.allow_tf32 = before
+
+
 # ----------------------------------------------------------------------------- cpu backend
 
 
@@ -217,9 +268,9 @@ def anch_conv2d_cpu(x, weight, bias, ay: AnchorAxis, ax: AnchorAxis) -> torch.Te
     anchor positions, csrc/cpu/anchor_cpu.cpp) feeds a batched GEMM, in blocks of output
     rows so the gather buffer stays under 128 MiB.
     """
-    sy, sx = ay.is_standard, ax.is_standard
-    if sy is not None and sx is not None:
-        return F.conv2d(x, weight, bias, stride=(sy[0], sx[0]), dilation=(sy[1], sx[1]))
+    lowering = conv_lowering(ay, ax)
+    if lowering is not None:
+        return _lowered_conv(x, weight, bias, lowering)
     n, c, h, w = x.shape
     o = weight.shape[0]
     ho, wo = ay.out_len(h), ax.out_len(w)
@@ -239,9 +290,10 @@ def anch_conv2d_cpu(x, weight, bias, ay: AnchorAxis, ax: AnchorAxis) -> torch.Te
     return out
 
 
-def _conv_cpu_reason(x, weight, bias, ay, ax) -> Optional[str]:
-    if ay.is_standard is not None and ax.is_standard is not None:
-        return None  # lowered to F.conv2d, which has a backward
+def _conv_reason(x, weight, bias, ay, ax) -> Optional[str]:
+    """cpu and cuda AnchConv: a lowered call has F.conv2d's backward, the kernels none."""
+    if conv_lowering(ay, ax) is not None:
+        return None
     return _no_grad_reason(x, weight, bias)
 
 
@@ -260,18 +312,24 @@ def anch_pool2d_cuda(x, ay: AnchorAxis, ax: AnchorAxis, mode: str) -> torch.Tens
     xc = x.contiguous()
     out = torch.empty((n, c, ay.out_len(h), ax.out_len(w)), dtype=x.dtype, device=x.device)
     _native.cuda().anchor_pool2d(xc.data_ptr(), out.data_ptr(), _CUDA_DTYPE[x.dtype], n * c, h, w, tuple(ay),
-                                 tuple(ax), mode == "avg", _stream(x))
+                                 tuple(ax), mode == "avg", _native.cuda_device_index(x), _stream(x))
     return out
 
 
 def anch_conv2d_cuda(x, weight, bias, ay: AnchorAxis, ax: AnchorAxis) -> torch.Tensor:
-    """CUDA AnchConv (csrc/cuda/anchor_cuda.cu): tiled implicit GEMM with the anchor index map."""
+    """AnchConv on CUDA: lowered to ``F.conv2d`` (cuDNN, IEEE float32) when every axis is
+    an ordinary strided / dilated convolution (``conv_lowering``), else the CUDA kernel
+    (csrc/cuda/anchor_cuda.cu): tiled implicit GEMM with the anchor index map."""
+    lowering = conv_lowering(ay, ax)
+    if lowering is not None:
+        return _lowered_conv(x, weight, bias, lowering)
     n, c, h, w = x.shape
     xc, wc = x.contiguous(), weight.contiguous()
     bc = None if bias is None else bias.contiguous()
     out = torch.empty((n, weight.shape[0], ay.out_len(h), ax.out_len(w)), dtype=x.dtype, device=x.device)
     _native.cuda().anchor_conv2d(xc.data_ptr(), wc.data_ptr(), 0 if bc is None else bc.data_ptr(), out.data_ptr(),
-                                 _CUDA_DTYPE[x.dtype], n, c, h, w, weight.shape[0], tuple(ay), tuple(ax), _stream(x))
+                                 _CUDA_DTYPE[x.dtype], n, c, h, w, weight.shape[0], tuple(ay), tuple(ax),
+                                 _native.cuda_device_index(x), _stream(x))
     return out
 
 
@@ -298,6 +356,13 @@ def _conv_ref(x, weight, bias, ay, ax):
     return anch_conv2d_ref(x, weight, bias, tuple(ay), tuple(ax))
 
 
+def _conv_cuda_device_reason(device, x, weight, bias, ay, ax) -> Optional[str]:
+    """A lowered AnchConv on a CUDA tensor needs only cuDNN, not _C_cuda."""
+    if device.type == "cuda" and conv_lowering(ay, ax) is not None:
+        return None
+    return cuda_reason(device)
+
+
 _POOL_IMPLS = {
     "torch": Impl(_pool_ref),
     "cpu": Impl(anch_pool2d_cpu, lambda x, *a: _no_grad_reason(x)),
@@ -306,7 +371,7 @@ _POOL_IMPLS = {
 }
 _CONV_IMPLS = {
     "torch": Impl(_conv_ref),
-    "cpu": Impl(anch_conv2d_cpu, _conv_cpu_reason),
-    "cuda": Impl(anch_conv2d_cuda, lambda x, w, b, *a: _no_grad_reason(x, w, b)),
+    "cpu": Impl(anch_conv2d_cpu, _conv_reason),
+    "cuda": Impl(anch_conv2d_cuda, _conv_reason, _conv_cuda_device_reason),
     "triton": Impl(_conv_triton, lambda x, w, b, *a: _no_grad_reason(x, w, b)),
 }

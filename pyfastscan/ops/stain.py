@@ -226,20 +226,21 @@ def hed_augment_cuda(x, alpha, beta, channels_last, dst):
     p = fused_params(alpha, beta, x.dtype == torch.uint8)
     n, hw = x.shape[0], x[0].numel() // 3
     stream = torch.cuda.current_stream(x.device).cuda_stream
+    dev = _native.cuda_device_index(x)  # _C_cuda makes it current for the launch
     if x.dtype == torch.uint8:
         t = p.tables.to(x.device)
-        _native.cuda().hed_augment_u8(x.data_ptr(), dst.data_ptr(), t.data_ptr(), n, hw, channels_last, stream)
+        _native.cuda().hed_augment_u8(x.data_ptr(), dst.data_ptr(), t.data_ptr(), n, hw, channels_last, dev, stream)
     else:
         m, k = p.m.to(x.device, x.dtype), p.k.to(x.device, x.dtype)
         _native.cuda().hed_augment_float(x.data_ptr(), dst.data_ptr(), m.data_ptr(), k.data_ptr(),
-                                         x.dtype == torch.float64, n, hw, channels_last, stream)
+                                         x.dtype == torch.float64, n, hw, channels_last, dev, stream)
 
 
 def _triton(x, alpha, beta, channels_last, dst):
     from ..kernels.stain import hed_augment_triton  # imported late: TRITON_INTERPRET is read at import
 
     p = fused_params(alpha, beta, x.dtype == torch.uint8)
-    hed_augment_triton(x, dst, p, channels_last)
+    hed_augment_triton(x, dst, p, channels_last)  # makes x's device current for the launch
 
 
 def _triton_reason(x, *args):
