@@ -18,10 +18,9 @@
     ``ratio`` interleaves ROUNDS runs of pyfastscan and of MONAI's loop and reports the
     median of paired MONAI / pyfastscan times (this shared 2-core machine drifts between
     rounds). Target: >= 1.0x.
-(b) ``dense``: a padding-free ResNet-like net (``valid_resnet`` below: residual blocks with
+(b) ``dense``: a padding-free ResNet-like net (``pyfastscan.models.residual_fcn``: residual blocks with
     cropped skips), dense (``to_dense``) against patch mode on the same ROI and grid;
     speed-up beside the multiply-add ratio, target: the speed-up >= 0.9x that ratio.
-    Skipped, with to_dense's reason, while to_dense does not convert residual graphs.
 
 Threads: PYFASTSCAN_BENCH_THREADS (default 1). The two cores of the development machine
 are shared with other jobs; at two threads OpenMP barriers wait for descheduled threads
@@ -46,6 +45,7 @@ from torch import nn
 
 from helpers import assert_low_precision
 from pyfastscan import InvalidArgumentError, to_dense
+from pyfastscan.models import residual_fcn
 from pyfastscan.models.resnet import resnet18
 from pyfastscan.patch import PatchModel
 
@@ -215,42 +215,6 @@ def test_patch_ratio(benchmark):
 # ------------------------------------------------------------------ (b) dense vs patch mode
 
 
-class ValidResBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN (no padding) plus the input cropped to the main path's
-    size, then ReLU. Stride 1: the main path loses 2 px per side, so the skip is x cropped
-    by 2 (output side n - 4). Stride 2: output side (n - 5) // 2, output o sees inputs
-    2o .. 2o + 6; the skip crops 3 px and takes every other pixel with a 1x1 stride-2
-    conv + BN, landing on 2o + 3, the centre of that receptive field."""
-
-    def __init__(self, cin, cout, stride=1):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, bias=False), nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU()
-        self.crop = 2 if stride == 1 else 3
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        c = self.crop
-        skip = x[:, :, c:-c, c:-c]
-        if self.downsample is not None:
-            skip = self.downsample(skip)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(out + skip)
-
-
-def valid_resnet(width=16, num_classes=2):
-    """Padding-free ResNet-like classifier, stride 8: 3x3 stem, 2x2 max pool, four
-    ValidResBlocks (w, 2w/2, 2w, 4w/2), 3x3 conv, 1x1 classifier."""
-    w = width
-    return nn.Sequential(nn.Conv2d(3, w, 3, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
-                         ValidResBlock(w, w), ValidResBlock(w, 2 * w, 2), ValidResBlock(2 * w, 2 * w),
-                         ValidResBlock(2 * w, 4 * w, 2), nn.Conv2d(4 * w, 4 * w, 3), nn.ReLU(),
-                         nn.Conv2d(4 * w, num_classes, 1))
-
-
 def _valid_patch(model):
     """Smallest input side with a 1 x 1 output: the patch."""
     with torch.inference_mode():
@@ -269,7 +233,7 @@ GRID = 32  # map cells per side in (b)
 def _dense_setup():
     if "valid" not in _CACHE:
         torch.manual_seed(1)
-        net = valid_resnet(WIDTH).eval()
+        net = residual_fcn(num_classes=2, width=WIDTH).eval()
         for mod in net.modules():
             if isinstance(mod, nn.BatchNorm2d):
                 mod.running_mean.uniform_(-0.1, 0.1)
