@@ -7,6 +7,7 @@ import sys
 
 ARCHS = ("vgg16_fcn", "tellez_cnn")
 CHECKPOINT = ".pyfastscan-scan.ckpt"  # in each slide's output folder while its scan runs
+ERROR_LOG = "pyfastscan-error.log"  # where an internal error's traceback is kept
 
 
 def _roi_outputs(v: str):
@@ -53,14 +54,43 @@ def _mitosis_one(slide, out, model, args, command):
             f"{res.timings['total']:.1f} s -> {os.path.dirname(paths['report'])}")
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_CODES = ("exit status: 0 every slide done, 1 some slides failed (each reported on one line), "
+              "2 usage error (a bad option or weights file), 3 internal error (the traceback is in "
+              f"{ERROR_LOG} in the output folder)")
+
+
+def _internal_error(folder, where: str, exc: BaseException) -> str:
+    """Keep the traceback of an unexpected exception in ``folder``/ERROR_LOG; returns the
+    one line the terminal gets."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        log = os.path.join(folder, ERROR_LOG)
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"pyfastscan {__import__('pyfastscan').__version__}: {where}\n{text}\n")
+        kept = f"traceback in {log}"
+    except OSError:
+        import tempfile
+
+        fd, log = tempfile.mkstemp(prefix="pyfastscan-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        kept = f"traceback in {log}"
+    return f"internal error ({type(exc).__name__}: {exc}); please report it with the {kept}"
+
+
 def _slides(args, run_one) -> int:
-    """Run ``run_one`` on every slide; a slide that fails is reported and the others go on.
-    Exit status 0 when all succeeded, 1 when any failed, 2 when the weights do not load."""
+    """Run ``run_one`` on every slide; a slide that fails, for any reason, is reported on one
+    line with its file and the reason, its output folder is marked failed, and the others
+    go on. Returns the exit status (see EXIT_CODES)."""
     import torch
 
     from . import load_weights, open_slide
     from .errors import PyfastscanError
-    from .io.files import prepare_folder
+    from .io.files import prepare_folder, write_status
     from .models import tellez_cnn, vgg16_fcn
 
     job = args.command
@@ -69,40 +99,74 @@ def _slides(args, run_one) -> int:
         load_weights(model, args.weights)
     except (PyfastscanError, OSError) as exc:
         print(f"pyfastscan {job}: cannot load weights {args.weights}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.threads:
         torch.set_num_threads(args.threads)
     command = " ".join(shlex.quote(a) for a in sys.argv)
-    failed = []
+    failed, internal = [], False
     for path in args.slides:
         name = os.path.splitext(os.path.basename(path))[0]
         out = os.path.join(args.out, name) if len(args.slides) > 1 or args.per_slide_folder else args.out
+        claimed = False
         try:
             slide = open_slide(path, default_mpp=args.mpp)  # a bad slide fails before any folder is made
             try:
                 prepare_folder(out)  # an unwritable folder fails before the work, not after it
+                claimed = True
+                write_status(out, "running", slide=os.path.abspath(path), job=job, pid=os.getpid())
                 summary = run_one(slide, out, model, args, command)
+                write_status(out, "done", slide=os.path.abspath(path), job=job)
             finally:
                 slide.close()
-        except (PyfastscanError, OSError, ValueError, RuntimeError) as exc:
-            print(f"pyfastscan {job}: {path}: FAILED: {exc}", file=sys.stderr)
-            failed.append(path)
-            continue
         except KeyboardInterrupt:
             again = "; run the same command with --resume to continue from the ROIs already finished" \
                 if job == "scan" else ""
+            if claimed:
+                _mark_failed(out, path, job, "interrupted")
             print(f"\npyfastscan {job}: interrupted during {path}{again}", file=sys.stderr)
             return 130
+        except Exception as exc:
+            if isinstance(exc, (PyfastscanError, OSError, MemoryError)):
+                reason = _one_line(exc) if not isinstance(exc, MemoryError) else \
+                    f"out of memory ({_one_line(exc) or 'MemoryError'}); try a smaller --memory-mib or --roi-outputs"
+            else:  # a bug: the traceback goes to the log, the terminal gets one line
+                internal = True
+                reason = _internal_error(out if claimed else args.out, f"{job} {path}", exc)
+            if claimed:
+                _mark_failed(out, path, job, reason)
+            if reason.startswith(f"{path}: "):  # slide errors name the file: once is enough
+                reason = reason[len(path) + 2:]
+            print(f"pyfastscan {job}: {path}: FAILED: {reason}", file=sys.stderr)
+            failed.append(path)
+            continue
         print(f"{path}: {summary}")
     if failed:
         print(f"pyfastscan {job}: {len(failed)} of {len(args.slides)} slides failed: {', '.join(failed)}",
               file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_INTERNAL if internal else EXIT_FAILED
+    return EXIT_OK
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _mark_failed(out: str, path: str, job: str, reason: str) -> None:
+    """Leave ``out`` marked failed: status "failed" with the reason, no report.json (a
+    report from a previous run of this folder would otherwise look like this run's)."""
+    from .io.files import write_status
+
+    try:
+        report = os.path.join(out, "report.json")
+        if os.path.exists(report):
+            os.remove(report)
+        write_status(out, "failed", slide=os.path.abspath(path), job=job, reason=reason)
+    except OSError:
+        pass  # the folder itself is what failed: nothing can be marked in it
 
 
 def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
-    p = sub.add_parser(name, help=help)
+    p = sub.add_parser(name, help=help, epilog=EXIT_CODES)
     p.add_argument("slides", nargs="+", metavar="SLIDE")
     p.add_argument("--weights", required=True, help=".safetensors or PyTorch checkpoint")
     p.add_argument("--arch", choices=ARCHS, default=arch)
@@ -125,7 +189,8 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pyfastscan", description="Fast, dense CNN inference on whole-slide images.")
+    parser = argparse.ArgumentParser(prog="pyfastscan", description="Fast, dense CNN inference on whole-slide images.",
+                                     epilog=EXIT_CODES)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print what was built and which backends can run here")
     info.add_argument("--json", action="store_true", help="print the full build_info() as JSON")
@@ -151,6 +216,18 @@ def main(argv=None) -> int:
 
     add_parsers(sub)
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"\npyfastscan {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line on the terminal, the traceback in a log file
+        folder = getattr(args, "out", None) or os.getcwd()
+        print(f"pyfastscan {args.command}: {_internal_error(folder, ' '.join(sys.argv), exc)}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _run(args) -> int:
     if args.command == "info":
         from .backends import build_info, format_build_info
 

@@ -45,3 +45,23 @@ def prepare_folder(folder: str) -> str:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InvalidArgumentError(f"output folder {folder} is not writable")
     return folder
+
+
+STATUS = "status.json"  # in each slide's output folder: which slide, which job, running / failed / done
+
+
+def write_status(folder: str, state: str, **fields) -> str:
+    """Record the state of the slide job writing ``folder`` (atomically): "running" while
+    it works, "failed" with the reason, "done" once report.json is written. A folder whose
+    status is not "done" holds nothing complete."""
+    return write_json(os.path.join(folder, STATUS), {"state": state, **fields}, indent=2)
+
+
+def read_status(folder: str):
+    """The folder's status record, or None when it has none (or an unreadable one)."""
+    try:
+        with open(os.path.join(folder, STATUS), encoding="utf-8") as f:
+            obj = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None

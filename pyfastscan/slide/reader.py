@@ -51,7 +51,18 @@ class Slide:
     def read(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
         """RGB uint8 (h, w, 3) of the region whose top-left corner is (x, y) in level-0
         pixels, w x h pixels of ``level``; transparent (unscanned) pixels become white."""
-        region = np.asarray(self.handle.read_region((int(x), int(y)), level, (int(w), int(h))))
+        try:
+            region = np.asarray(self.handle.read_region((int(x), int(y)), level, (int(w), int(h))))
+        except PyfastscanError:
+            raise
+        except MemoryError:
+            raise SlideError(f"{self.name}: a {w} x {h} px region of level {level} does not fit in memory") from None
+        except Exception as exc:  # a reader may raise anything: OpenSlideError for a corrupt JPEG tile, ...
+            raise SlideError(f"{self.name}: cannot read the {w} x {h} px region at ({x}, {y}) of level {level}: "
+                             f"{type(exc).__name__}: {exc}") from None
+        if region.ndim != 3 or region.shape[:2] != (int(h), int(w)) or region.dtype != np.uint8:
+            raise SlideError(f"{self.name}: the reader returned {region.dtype} {region.shape} for a {w} x {h} px "
+                             f"region of level {level}, not uint8 ({h}, {w}, 3 or 4)")
         rgb = np.ascontiguousarray(region[..., :3])
         if region.ndim != 3 or region.shape[2] != 4 or region[..., 3].min() == 255:
             return rgb
@@ -148,7 +159,14 @@ def open_slide(slide, mpp: Optional[float] = None, default_mpp: Optional[float] 
             handle = openslide.OpenSlide(path)
         except openslide.OpenSlideError as exc:
             handle = _tifffile_fallback(path, exc)
-    own = _mpp_from_properties(handle.properties)
+        except Exception as exc:  # OpenSlide raises others for some corrupt files
+            raise SlideError(f"{path}: cannot open: {type(exc).__name__}: {exc}") from None
+    try:
+        own = _mpp_from_properties(handle.properties)
+    except Exception as exc:
+        if handle is not slide:
+            handle.close()
+        raise SlideError(f"{name}: cannot read the slide's properties: {type(exc).__name__}: {exc}") from None
     chosen = mpp if mpp is not None else own if own is not None else default_mpp
     if chosen is not None and not (isinstance(chosen, (int, float)) and chosen > 0 and np.isfinite(chosen)):
         raise SlideError(f"{name}: mpp must be a positive number, got {chosen!r}")

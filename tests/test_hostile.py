@@ -1,0 +1,145 @@
+"""Hostile inputs (issue 14): bad slides, weights, annotation files, option values and
+output situations. Each is a one-line message naming the file or option, a documented
+exit status (0 done, 1 some slides failed, 2 usage error, 3 internal error), no traceback
+on the terminal, the other slides of the batch done, and nothing lost, replaced or
+half-written presented as complete."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from test_scan import ArraySlide, _model
+
+tifffile = pytest.importorskip("tifffile")
+openslide = pytest.importorskip("openslide")
+
+from pyfastscan.cli import main  # noqa: E402
+
+OUTPUTS = ("detections.csv", "detections.geojson", "detections.xml", "heatmap.tif", "heatmap_contours.xml",
+           "overlay.png", "report.json")
+
+
+def _tiled(path, img, mpp=0.5, compression="jpeg", **kw):
+    """A tiled (64 px) TIFF OpenSlide opens as generic-tiff; ``mpp=None`` writes no resolution."""
+    res = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER") if mpp else {}
+    tifffile.imwrite(str(path), img, tile=(64, 64), compression=compression, photometric="rgb", **res, **kw)
+    return str(path)
+
+
+def _tissue(h=140, w=130, seed=0):
+    """Background 240 with a block of "tissue": a few hundred px, one ROI for tellez_cnn."""
+    img = np.full((h, w, 3), 240, dtype=np.uint8)
+    img[10:h - 10, 10:w - 10] = np.random.default_rng(seed).integers(60, 200, (h - 20, w - 20, 3), dtype=np.uint8)
+    return img
+
+
+def _slide(path, seed=0, **kw):
+    return _tiled(path, _tissue(seed=seed), **kw)
+
+
+def _corrupt_tile(path, index):
+    """Overwrite the last two thirds of one JPEG tile with end-of-image markers."""
+    with tifffile.TiffFile(path) as t:
+        off, n = t.pages[0].dataoffsets[index], t.pages[0].databytecounts[index]
+    data = bytearray(open(path, "rb").read())
+    k = n // 3
+    data[off + k:off + n] = (b"\xff\xd9" * n)[:n - k]
+    open(path, "wb").write(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from pyfastscan.models import tellez_cnn
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tellez.safetensors"
+    save_file({k: v.contiguous() for k, v in tellez_cnn().state_dict().items()}, str(path))
+    return str(path)
+
+
+def _scan(capsys, slides, out, weights, *extra):
+    """Run `pyfastscan scan` in-process; (exit status, stdout, stderr)."""
+    status = main(["scan", *map(str, slides), "--weights", weights, "--arch", "tellez_cnn", "--out", str(out),
+                   "--quiet", *map(str, extra)])
+    cap = capsys.readouterr()
+    return status, cap.out, cap.err
+
+
+def _no_traceback(err):
+    assert "Traceback" not in err and 'File "' not in err, err
+
+
+def _complete(folder):
+    """The folder holds a finished result: every output, status done."""
+    assert all(os.path.isfile(os.path.join(folder, f)) for f in OUTPUTS), os.listdir(folder)
+    assert json.load(open(os.path.join(folder, "status.json")))["state"] == "done"
+
+
+def _marked_failed(folder):
+    assert not os.path.exists(os.path.join(folder, "report.json"))
+    assert json.load(open(os.path.join(folder, "status.json")))["state"] == "failed"
+
+
+# ---- 1. a failing slide is one line, and the batch goes on ----------------------------------------------------
+
+def test_corrupt_jpeg_tile_fails_that_slide_and_the_batch_goes_on(tmp_path, capsys, weights):
+    bad = _corrupt_tile(_slide(tmp_path / "bad.tif"), 3)
+    good = _slide(tmp_path / "good.tif", seed=1)
+    status, out, err = _scan(capsys, [bad, good], tmp_path / "out", weights)
+    assert status == 1
+    _no_traceback(err)
+    line = [ln for ln in err.splitlines() if "FAILED" in ln]
+    assert len(line) == 1 and "bad.tif" in line[0] and "Corrupt JPEG" in line[0]
+    _complete(tmp_path / "out" / "good")
+    _marked_failed(tmp_path / "out" / "bad")
+
+
+class _Raising(ArraySlide):
+    def __init__(self, exc, after=0):
+        super().__init__(_tissue())
+        self.exc, self.calls, self.after = exc, 0, after
+
+    def read_region(self, *args):
+        self.calls += 1
+        if self.calls > self.after:
+            raise self.exc
+        return super().read_region(*args)
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), IndexError("list index out of range"), TypeError("bad"),
+                                 ZeroDivisionError("x"), openslide.OpenSlideError("Corrupt JPEG data")])
+@pytest.mark.parametrize("after", [0, 1])  # in the thumbnail, or in the background ROI reader
+def test_a_reader_raising_anything_is_a_slide_error(exc, after):
+    from pyfastscan import SlideError, scan_slide
+
+    with pytest.raises(SlideError, match="array-slide: "):
+        scan_slide(_Raising(exc, after), _model(torch.float32), roi_outputs=3, progress=False)
+
+
+def test_an_unexpected_error_is_exit_3_with_the_traceback_in_a_log(tmp_path, capsys, weights, monkeypatch):
+    import pyfastscan.pipeline.outputs as outputs
+
+    def broken(*a, **k):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(outputs, "write_overlay_png", broken)
+    good = _slide(tmp_path / "a.tif")
+    status, out, err = _scan(capsys, [good, _slide(tmp_path / "b.tif", seed=2)], tmp_path / "out", weights)
+    assert status == 3
+    _no_traceback(err)
+    assert err.count("internal error") == 2 and "pyfastscan-error.log" in err
+    log = open(tmp_path / "out" / "a" / "pyfastscan-error.log").read()
+    assert "Traceback" in log and "a bug" in log
+    _marked_failed(tmp_path / "out" / "a")
+
+
+def test_exit_codes_are_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 every slide done" in text and "1 some slides failed" in text and "3 internal error" in text
