@@ -90,7 +90,7 @@ def _slides(args, run_one) -> int:
 
     from . import load_weights, open_slide
     from .errors import PyfastscanError
-    from .io.files import prepare_folder, write_status
+    from .io.files import claim_folder, slide_folders, write_status
     from .models import tellez_cnn, vgg16_fcn
 
     job = args.command
@@ -103,37 +103,35 @@ def _slides(args, run_one) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = " ".join(shlex.quote(a) for a in sys.argv)
+    try:
+        folders = slide_folders(args.out, args.slides, args.per_slide_folder)
+    except PyfastscanError as exc:
+        print(f"pyfastscan {job}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     failed, internal = [], False
-    for path in args.slides:
-        name = os.path.splitext(os.path.basename(path))[0]
-        out = os.path.join(args.out, name) if len(args.slides) > 1 or args.per_slide_folder else args.out
-        claimed = False
+    for path, out in zip(args.slides, folders):
         try:
             slide = open_slide(path, default_mpp=args.mpp)  # a bad slide fails before any folder is made
             try:
-                prepare_folder(out)  # an unwritable folder fails before the work, not after it
-                claimed = True
-                write_status(out, "running", slide=os.path.abspath(path), job=job, pid=os.getpid())
-                summary = run_one(slide, out, model, args, command)
-                write_status(out, "done", slide=os.path.abspath(path), job=job)
+                # an unwritable, locked or already used folder fails before the work, not after it
+                with claim_folder(out, path, job, overwrite=args.overwrite):
+                    try:
+                        summary = run_one(slide, out, model, args, command)
+                        write_status(out, "done", slide=os.path.abspath(path), job=job)
+                    except BaseException as exc:  # marked while the folder is still locked
+                        exc.pyfastscan_reason = _reason(exc, out, f"{job} {path}")
+                        _mark_failed(out, path, job, exc.pyfastscan_reason[0])
+                        raise
             finally:
                 slide.close()
         except KeyboardInterrupt:
             again = "; run the same command with --resume to continue from the ROIs already finished" \
                 if job == "scan" else ""
-            if claimed:
-                _mark_failed(out, path, job, "interrupted")
             print(f"\npyfastscan {job}: interrupted during {path}{again}", file=sys.stderr)
             return 130
         except Exception as exc:
-            if isinstance(exc, (PyfastscanError, OSError, MemoryError)):
-                reason = _one_line(exc) if not isinstance(exc, MemoryError) else \
-                    f"out of memory ({_one_line(exc) or 'MemoryError'}); try a smaller --memory-mib or --roi-outputs"
-            else:  # a bug: the traceback goes to the log, the terminal gets one line
-                internal = True
-                reason = _internal_error(out if claimed else args.out, f"{job} {path}", exc)
-            if claimed:
-                _mark_failed(out, path, job, reason)
+            reason, bug = getattr(exc, "pyfastscan_reason", None) or _reason(exc, args.out, f"{job} {path}")
+            internal |= bug
             if reason.startswith(f"{path}: "):  # slide errors name the file: once is enough
                 reason = reason[len(path) + 2:]
             print(f"pyfastscan {job}: {path}: FAILED: {reason}", file=sys.stderr)
@@ -145,6 +143,21 @@ def _slides(args, run_one) -> int:
               file=sys.stderr)
         return EXIT_INTERNAL if internal else EXIT_FAILED
     return EXIT_OK
+
+
+def _reason(exc: BaseException, folder: str, where: str):
+    """(the one-line reason a slide failed, whether it is an internal error). Errors a user
+    can act on are pyfastscan's own, the system's (OSError) and running out of memory;
+    anything else is a bug, whose traceback is kept in ``folder``/ERROR_LOG."""
+    from .errors import PyfastscanError
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", False
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({_one_line(exc) or 'MemoryError'}); try a smaller --memory-mib or --roi-outputs", False
+    if isinstance(exc, (PyfastscanError, OSError)):
+        return _one_line(exc), False
+    return _internal_error(folder, where, exc), True
 
 
 def _one_line(exc: BaseException) -> str:
@@ -172,8 +185,13 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
     p.add_argument("--arch", choices=ARCHS, default=arch)
     p.add_argument("--num-classes", type=int, default=2)
     p.add_argument("--alpha", type=int, default=alpha, help=f"dense factor (map step = stride / alpha; default {alpha})")
-    p.add_argument("--out", required=True, help="output folder (one sub-folder per slide when several)")
+    p.add_argument("--out", required=True,
+                   help="output folder; for several slides one sub-folder each: OUT/<the slide's path relative to "
+                        "the slides' common folder, without extension>")
     p.add_argument("--per-slide-folder", action="store_true", help="use OUT/<slide name> for a single slide too")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run or another slide found in an output folder "
+                        "(refused otherwise)")
     p.add_argument("--mpp", type=float, default=None,
                    help="scan resolution in um/px (default: level 0); the level-0 resolution of slides without one")
     p.add_argument("--device", default="cpu")

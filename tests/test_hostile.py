@@ -143,3 +143,85 @@ def test_exit_codes_are_in_the_help(capsys):
         main(["scan", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "0 every slide done" in text and "1 some slides failed" in text and "3 internal error" in text
+
+
+# ---- 3. no result is ever silently replaced ---------------------------------------------------------------------
+
+def test_same_basename_in_two_folders_gets_two_output_folders(tmp_path, capsys, weights):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a = _slide(tmp_path / "a" / "slide.tif", seed=1)
+    b = _slide(tmp_path / "b" / "slide.tiff", seed=2)
+    status, out, err = _scan(capsys, [a, b], tmp_path / "out", weights)
+    assert status == 0, err
+    _complete(tmp_path / "out" / "a" / "slide")
+    _complete(tmp_path / "out" / "b" / "slide")
+    assert json.load(open(tmp_path / "out" / "a" / "slide" / "report.json"))["slide"] == a
+
+
+def test_two_slides_for_one_folder_is_a_usage_error(tmp_path, capsys, weights):
+    a, b = _slide(tmp_path / "s.tif"), _slide(tmp_path / "s.tiff")
+    status, out, err = _scan(capsys, [a, b], tmp_path / "out", weights)
+    assert status == 2 and "would both write to" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_locked_folder_refuses_a_second_writer(tmp_path, capsys, weights):
+    """A second scan into a folder another process is writing: refused at once, with a
+    clear message; the first's files untouched."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pyfastscan.io.files import FolderLock\n"
+                               "with FolderLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)",
+                               str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        status, out, err = _scan(capsys, [_slide(tmp_path / "s.tif")], folder, weights)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert status == 1 and "in use by another pyfastscan run" in err and f"pid {holder.pid}" in err
+    _no_traceback(err)
+    assert sorted(os.listdir(folder)) == [".pyfastscan.lock"]
+
+
+def test_rerun_into_another_slides_or_runs_folder_needs_overwrite(tmp_path, capsys, weights):
+    a, b = _slide(tmp_path / "a.tif", seed=1), _slide(tmp_path / "b.tif", seed=2)
+    out = tmp_path / "out"
+    assert _scan(capsys, [a], out, weights)[0] == 0
+    before = {f: open(out / f, "rb").read() for f in OUTPUTS}
+    status, _, err = _scan(capsys, [b], out, weights)  # another slide into a's folder
+    assert status == 1 and "holds the results of another slide" in err and "--overwrite" in err
+    status, _, err = _scan(capsys, [a], out, weights)  # the same slide again
+    assert status == 1 and "holds the results of an earlier run" in err
+    assert {f: open(out / f, "rb").read() for f in OUTPUTS} == before  # nothing replaced
+    status, _, err = _scan(capsys, [b], out, weights, "--overwrite")
+    assert status == 0, err
+    _complete(out)
+    assert json.load(open(out / "report.json"))["slide"] == b
+
+
+def test_a_failed_folder_is_retried_without_overwrite(tmp_path, capsys, weights):
+    bad = _corrupt_tile(_slide(tmp_path / "s.tif"), 3)
+    out = tmp_path / "out"
+    assert _scan(capsys, [bad], out, weights)[0] == 1
+    _marked_failed(out)
+    _slide(tmp_path / "s.tif")  # mended
+    assert _scan(capsys, [bad], out, weights)[0] == 0
+    _complete(out)
+
+
+def test_a_read_only_folder_is_one_line(tmp_path, capsys, weights):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"  # root writes anywhere: a file where the folder should be
+        blocker.write_text("x")
+        out = blocker / "out"
+    else:
+        out = tmp_path / "ro"
+        out.mkdir()
+        out.chmod(0o555)
+    status, _, err = _scan(capsys, [_slide(tmp_path / "s.tif"), _slide(tmp_path / "t.tif")], out, weights)
+    assert status == 1 and err.count("FAILED") == 2 and "output folder" in err
+    _no_traceback(err)

@@ -200,7 +200,10 @@ def test_cli_scans_several_slides_and_reports_failures(tmp_path):
 
     weights = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in tellez_cnn().state_dict().items()}, str(weights))
-    status = main(["scan", SVS, str(tmp_path / "missing.svs"), "--weights", str(weights), "--arch", "tellez_cnn",
+    import shutil
+
+    svs = shutil.copy(SVS, tmp_path / "cmu_small_region.svs")  # beside the other: OUT/<name> (issue 14)
+    status = main(["scan", str(svs), str(tmp_path / "missing.svs"), "--weights", str(weights), "--arch", "tellez_cnn",
                    "--mpp", "8.0", "--out", str(tmp_path / "out"), "--quiet", "--resume"])
     assert status == 1
     assert os.path.exists(tmp_path / "out" / "cmu_small_region" / "report.json")

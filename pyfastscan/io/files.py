@@ -65,3 +65,107 @@ def read_status(folder: str):
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+# What slide jobs write into a slide's folder: a folder holding any of these holds results.
+RESULT_FILES = ("report.json", "heatmap.tif", "overlay.png", "detections.csv", "detections.geojson", "detections.xml",
+                "heatmap_contours.xml", "mitoses.csv", "mitoses.geojson", "hotspot.png")
+LOCK = ".pyfastscan.lock"
+
+
+class OutputFolderError(InvalidArgumentError):
+    """An output folder cannot be used: taken by another run, or holding other results."""
+
+
+def slide_folders(out: str, slides, per_slide: bool = True):
+    """The output folder of each slide: ``out`` itself for a single slide unless
+    ``per_slide``, else out/<the slide's path relative to the common folder of all the
+    slides, without its extension> (a/slide.svs and b/slide.tif go to out/a/slide and
+    out/b/slide). Two slides that would share a folder are refused."""
+    if not per_slide and len(slides) == 1:
+        return [out]
+    paths = [os.path.abspath(os.fspath(p)) for p in slides]
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    folders, seen = [], {}
+    for slide, p in zip(slides, paths):
+        folder = os.path.join(out, os.path.splitext(os.path.relpath(p, root))[0])
+        key = os.path.normcase(os.path.normpath(folder))
+        if key in seen:
+            raise OutputFolderError(f"{seen[key]} and {slide} would both write to {folder}: give each slide once, "
+                                    "or scan them into different --out folders")
+        seen[key] = slide
+        folders.append(folder)
+    return folders
+
+
+class FolderLock:
+    """An exclusive lock on an output folder (flock on its .pyfastscan.lock) for as long as
+    a slide job writes there; a second writer is refused at once, never made to wait. The
+    operating system releases it when the process ends, however it ends."""
+
+    def __init__(self, folder: str):
+        self.folder, self._f = folder, None
+
+    def __enter__(self):
+        if self._f is not None:  # already held (claim_folder returns it locked)
+            return self
+        path = os.path.join(self.folder, LOCK)
+        f = open(path, "a+")
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            self._f = f
+            return self
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read(200).strip()
+            f.close()
+            raise OutputFolderError(f"output folder {self.folder} is in use by another pyfastscan run"
+                                    f"{' (' + who + ')' if who else ''}; wait for it to finish or choose another "
+                                    "--out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        self._f = f
+        return self
+
+    def __exit__(self, *exc):
+        if self._f is not None:
+            self._f.close()  # releases the flock
+            self._f = None
+        return False
+
+
+def claim_folder(folder: str, slide: str, job: str, overwrite: bool = False) -> FolderLock:
+    """Make ``folder``, lock it (:class:`FolderLock`, returned locked: use it in a with
+    block) and check it may receive ``slide``'s results: a folder holding results of
+    another slide, or complete results of an earlier run, is refused unless ``overwrite``.
+    A folder this slide's interrupted or failed run left (status not "done") is reused.
+    The folder's report.json is removed before any work starts, so until the new one is
+    written nothing in it passes for complete."""
+    prepare_folder(folder)
+    lock = FolderLock(folder).__enter__()
+    try:
+        status = read_status(folder)
+        present = [f for f in RESULT_FILES if os.path.exists(os.path.join(folder, f))]
+        slide = os.path.abspath(slide)
+        if status is not None and status.get("slide") not in (None, slide):
+            why = f"holds the results of another slide ({status.get('slide')})"
+        elif present and (status is None or status.get("state") == "done"):
+            why = f"holds the results of an earlier run ({', '.join(present[:3])}{' ...' if len(present) > 3 else ''})"
+        else:
+            why = None
+        if why and not overwrite:
+            raise OutputFolderError(f"output folder {folder} {why}; pass --overwrite to replace them, or choose "
+                                    "another --out")
+        report = os.path.join(folder, "report.json")
+        if os.path.exists(report):
+            os.remove(report)
+        write_status(folder, "running", slide=slide, job=job, pid=os.getpid())
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    return lock
