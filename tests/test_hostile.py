@@ -225,3 +225,34 @@ def test_a_read_only_folder_is_one_line(tmp_path, capsys, weights):
     status, _, err = _scan(capsys, [_slide(tmp_path / "s.tif"), _slide(tmp_path / "t.tif")], out, weights)
     assert status == 1 and err.count("FAILED") == 2 and "output folder" in err
     _no_traceback(err)
+
+
+# ---- 4. a model that outputs NaN stops that slide -----------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_model_output_is_an_error_naming_the_roi(bad):
+    from pyfastscan.errors import ModelOutputError
+    from pyfastscan import scan_slide
+
+    model = _model(torch.float32)
+    with torch.no_grad():
+        model[-1].bias[1] = bad
+    with pytest.raises(ModelOutputError, match=r"array-slide: the model produced NaN.* in ROI \(row 0, col 0\)"):
+        scan_slide(ArraySlide(_tissue()), model, roi_outputs=3, tissue_mask=np.ones((4, 4), bool), progress=False)
+
+
+def test_nan_weights_fail_the_slide_and_write_nothing_complete(tmp_path, capsys, weights):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    key = [k for k in state if k.endswith("bias")][-1]
+    state[key][:] = float("nan")
+    nan = tmp_path / "nan.safetensors"
+    save_file(state, str(nan))
+    status, out, err = _scan(capsys, [_slide(tmp_path / "s.tif"), _slide(tmp_path / "t.tif")], tmp_path / "out",
+                             str(nan))
+    assert status == 1 and err.count("the model produced NaN in ROI (row 0, col 0)") == 2
+    _no_traceback(err)
+    for name in ("s", "t"):
+        _marked_failed(tmp_path / "out" / name)
+        assert not os.path.exists(tmp_path / "out" / name / "heatmap.tif")

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..dense import DenseModel, to_dense
 from ..progress import Progress
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ModelOutputError
 from ..slide.reader import Slide, open_slide
 from ..slide.tissue import TissueMask, otsu_tissue_mask, user_tissue_mask
 
@@ -265,10 +265,23 @@ def infer_rois(job: ScanJob, todo: list, *, device, positive_class: int, workers
                 x = x.to(device).permute(2, 0, 1)[None].to(in_dtype).div_(255)
             out = dense(x)
             block = (F.softmax(out, dim=1) if softmax else out)[0, positive_class].float().cpu().numpy()
+            _check_finite(block, roi, s.name)
             timings["infer"] += time.perf_counter() - t
             yield roi, block
             done += 1
             bar.update(done)
+
+
+def _check_finite(block: np.ndarray, roi, name: str) -> None:
+    """Stop the slide at the first ROI whose map is not all finite: a NaN would be written
+    as probability 0 and an infinity as 1, and nothing would say the model is broken."""
+    if np.isfinite(block).all():
+        return
+    bad = np.argwhere(~np.isfinite(block))[0]
+    what = "/".join(w for w, f in (("NaN", np.isnan), ("Inf", np.isinf)) if f(block).any())
+    raise ModelOutputError(f"{name}: the model produced {what} in ROI (row {roi[0]}, col {roi[1]}) (first at map "
+                           f"cell ({roi[0] + bad[0]}, {roi[1] + bad[1]})): check the weights and the input "
+                           "normalisation")
 
 
 def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] = None, device="cpu",
