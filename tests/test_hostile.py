@@ -256,3 +256,34 @@ def test_nan_weights_fail_the_slide_and_write_nothing_complete(tmp_path, capsys,
     for name in ("s", "t"):
         _marked_failed(tmp_path / "out" / name)
         assert not os.path.exists(tmp_path / "out" / name / "heatmap.tif")
+
+
+# ---- 7. outputs respect the umask ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_respect_the_umask(tmp_path, umask):
+    from pyfastscan import scan_slide
+
+    res = scan_slide(ArraySlide(_tissue()), _model(torch.float32), roi_outputs=3, progress=False)
+    old = os.umask(umask)
+    try:
+        paths = res.save(str(tmp_path / "out"))
+    finally:
+        os.umask(old)
+    for p in paths.values():
+        assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask, p
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".part")]
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path):
+    from pyfastscan.io.files import atomic_write
+
+    (tmp_path / "x.json").write_text("old")
+
+    def boom(tmp):
+        open(tmp, "w").write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(str(tmp_path / "x.json"), boom)
+    assert os.listdir(tmp_path) == ["x.json"] and (tmp_path / "x.json").read_text() == "old"

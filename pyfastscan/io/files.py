@@ -3,24 +3,67 @@ temporary file in the same folder, then os.replace it into place."""
 import json
 import os
 import tempfile
+import threading
 from typing import Callable
 
 from ..errors import InvalidArgumentError
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else by
+    setting and restoring it under a lock."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not every system opens folders
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 
 def atomic_write(path: str, write: Callable[[str], None]) -> str:
-    """Call ``write(tmp)`` on a temporary path next to ``path``, then move it into place;
-    on any failure the temporary file is removed and ``path`` is untouched."""
+    """Call ``write(tmp)`` on a temporary path next to ``path``, flush it to disk (fsync),
+    then move it into place and sync the folder; on any failure the temporary file is
+    removed and ``path`` is untouched. The file gets the mode a plain open() would give
+    (0666 less the umask: 0644 under the usual 022), not mkstemp's 0600."""
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_folder(folder)
     return path
 
 
