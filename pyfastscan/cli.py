@@ -98,7 +98,7 @@ def _slides(args, run_one) -> int:
     try:
         load_weights(model, args.weights)
     except (PyfastscanError, OSError) as exc:
-        print(f"pyfastscan {job}: cannot load weights {args.weights}: {exc}", file=sys.stderr)
+        print(f"pyfastscan {job}: cannot load weights {args.weights}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     if args.threads:
         torch.set_num_threads(args.threads)

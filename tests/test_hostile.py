@@ -287,3 +287,45 @@ def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path):
     with pytest.raises(OSError):
         atomic_write(str(tmp_path / "x.json"), boom)
     assert os.listdir(tmp_path) == ["x.json"] and (tmp_path / "x.json").read_text() == "old"
+
+
+# ---- 8. weights files -------------------------------------------------------------------------------------------
+
+class _Code:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _pickled_code(path):
+    torch.save({"conv.weight": _Code()}, str(path))
+    return str(path)
+
+
+def test_a_pickle_with_code_is_refused_with_pyfastscans_own_advice(tmp_path, capsys):
+    path = _pickled_code(tmp_path / "evil.pt")
+    status, out, err = _scan(capsys, [_slide(tmp_path / "s.tif")], tmp_path / "out", path)
+    assert status == 2
+    _no_traceback(err)
+    assert len(err.strip().splitlines()) == 1 and "evil.pt" in err and "code or Python objects" in err
+    assert "safetensors" in err and "weights_only" not in err and "pwned" not in out
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["wrong shapes", "not tensors", "garbage", "empty"])
+def test_bad_weights_are_a_one_line_usage_error(tmp_path, capsys, weights, kind):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "w.safetensors"
+    if kind == "wrong shapes":
+        state = load_file(weights)
+        k = next(iter(state))
+        state[k] = torch.zeros(3, 3)
+        save_file(state, str(path))
+    elif kind == "not tensors":
+        path = tmp_path / "w.pt"
+        torch.save({"a": [1, 2, 3]}, str(path))
+    else:
+        path.write_bytes(b"\x00garbage" * 10 if kind == "garbage" else b"")
+    status, out, err = _scan(capsys, [_slide(tmp_path / "s.tif")], tmp_path / "out", str(path))
+    assert status == 2 and len(err.strip().splitlines()) == 1 and str(path) in err, err
+    _no_traceback(err)
