@@ -5,13 +5,15 @@ import os
 import shlex
 import sys
 
+from .validate import cli_type
+
 ARCHS = ("vgg16_fcn", "tellez_cnn")
 CHECKPOINT = ".pyfastscan-scan.ckpt"  # in each slide's output folder while its scan runs
 ERROR_LOG = "pyfastscan-error.log"  # where an internal error's traceback is kept
 
 
 def _roi_outputs(v: str):
-    return v if v == "auto" else int(v)
+    return v if v == "auto" else cli_type("roi_outputs")(v)
 
 
 def _common(args) -> dict:
@@ -183,8 +185,8 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
     p.add_argument("slides", nargs="+", metavar="SLIDE")
     p.add_argument("--weights", required=True, help=".safetensors or PyTorch checkpoint")
     p.add_argument("--arch", choices=ARCHS, default=arch)
-    p.add_argument("--num-classes", type=int, default=2)
-    p.add_argument("--alpha", type=int, default=alpha, help=f"dense factor (map step = stride / alpha; default {alpha})")
+    p.add_argument("--num-classes", type=cli_type("num_classes"), default=2)
+    p.add_argument("--alpha", type=cli_type("alpha"), default=alpha, help=f"dense factor (map step = stride / alpha; default {alpha})")
     p.add_argument("--out", required=True,
                    help="output folder; for several slides one sub-folder each: OUT/<the slide's path relative to "
                         "the slides' common folder, without extension>")
@@ -192,22 +194,30 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run or another slide found in an output folder "
                         "(refused otherwise)")
-    p.add_argument("--mpp", type=float, default=None,
+    p.add_argument("--mpp", type=cli_type("mpp"), default=None,
                    help="scan resolution in um/px (default: level 0); the level-0 resolution of slides without one")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--roi-outputs", type=_roi_outputs, default="auto",
                    help="L_m': map cells per ROI side (default auto: the largest that fits --memory-mib)")
-    p.add_argument("--memory-mib", type=int, default=0,
+    p.add_argument("--memory-mib", type=cli_type("memory_mib"), default=0,
                    help="memory budget for one ROI (default: half the free GPU memory, or a quarter of the "
                         "available RAM up to 1 GiB)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=cli_type("threads"), default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (the option and what it must be) and exit
+    status 2; the full usage is in --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pyfastscan", description="Fast, dense CNN inference on whole-slide images.",
+    parser = _Parser(prog="pyfastscan", description="Fast, dense CNN inference on whole-slide images.",
                                      epilog=EXIT_CODES)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print what was built and which backends can run here")
@@ -222,18 +232,21 @@ def main(argv=None) -> int:
                       help="write heatmap.tif as float32 probabilities (QuPath, tifffile) instead of uint8 x 255 "
                            "(which OpenSlide and ASAP also open)")
     mit = _slide_job_parser(sub, "mitosis", "mitoses, hotspot and grade per slide (Tellez et al.)", "tellez_cnn", 1)
-    mit.add_argument("--map-threshold", type=float, default=0.8, help="map binarisation threshold (0.8)")
-    mit.add_argument("--nms-um", type=float, default=25.0, help="minimum distance between detections, um (25)")
-    mit.add_argument("--delta", type=float, default=0.970,
+    mit.add_argument("--map-threshold", type=cli_type("map_threshold"), default=0.8, help="map binarisation threshold (0.8)")
+    mit.add_argument("--nms-um", type=cli_type("nms_um"), default=25.0, help="minimum distance between detections, um (25)")
+    mit.add_argument("--delta", type=cli_type("delta"), default=0.970,
                      help="probability a detection needs to count (0.970; the paper's F1 operating point is 0.919)")
-    mit.add_argument("--theta1", type=float, default=6, help="grade 1 up to this hotspot count (6)")
-    mit.add_argument("--theta2", type=float, default=20, help="grade 2 up to this hotspot count (20), then 3")
+    mit.add_argument("--theta1", type=cli_type("theta1"), default=6, help="grade 1 up to this hotspot count (6)")
+    mit.add_argument("--theta2", type=cli_type("theta2"), default=20, help="grade 2 up to this hotspot count (20), then 3")
     mit.add_argument("--region", default=None,
                      help="count only inside these polygons (ASAP .xml or .geojson, level-0 px), e.g. the tumour")
     from .eval.cli import add_parsers
 
     add_parsers(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (2, said on stderr) or --help (0): a status, in-process too
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -259,6 +272,10 @@ def _run(args) -> int:
     if args.command == "scan":
         return _slides(args, _scan_one)
     if args.command == "mitosis":
+        if args.theta1 > args.theta2:
+            print(f"pyfastscan mitosis: error: --theta1 ({args.theta1:g}) must not exceed --theta2 "
+                  f"({args.theta2:g})", file=sys.stderr)
+            return EXIT_USAGE
         return _slides(args, _mitosis_one)
     if args.command == "evaluate":
         from .eval.cli import main as evaluate

@@ -139,8 +139,7 @@ def test_an_unexpected_error_is_exit_3_with_the_traceback_in_a_log(tmp_path, cap
 
 
 def test_exit_codes_are_in_the_help(capsys):
-    with pytest.raises(SystemExit):
-        main(["scan", "--help"])
+    assert main(["scan", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "0 every slide done" in text and "1 some slides failed" in text and "3 internal error" in text
 
@@ -238,7 +237,7 @@ def test_non_finite_model_output_is_an_error_naming_the_roi(bad):
     with torch.no_grad():
         model[-1].bias[1] = bad
     with pytest.raises(ModelOutputError, match=r"array-slide: the model produced NaN.* in ROI \(row 0, col 0\)"):
-        scan_slide(ArraySlide(_tissue()), model, roi_outputs=3, tissue_mask=np.ones((4, 4), bool), progress=False)
+        scan_slide(ArraySlide(_tissue()), model, roi_outputs=64, tissue_mask=np.ones((4, 4), bool), progress=False)
 
 
 def test_nan_weights_fail_the_slide_and_write_nothing_complete(tmp_path, capsys, weights):
@@ -260,11 +259,16 @@ def test_nan_weights_fail_the_slide_and_write_nothing_complete(tmp_path, capsys,
 
 # ---- 7. outputs respect the umask ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
-def test_outputs_respect_the_umask(tmp_path, umask):
+@pytest.fixture(scope="module")
+def small_result():
     from pyfastscan import scan_slide
 
-    res = scan_slide(ArraySlide(_tissue()), _model(torch.float32), roi_outputs=3, progress=False)
+    return scan_slide(ArraySlide(_tissue()), _model(torch.float32), roi_outputs=64, progress=False)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_respect_the_umask(tmp_path, umask, small_result):
+    res = small_result
     old = os.umask(umask)
     try:
         paths = res.save(str(tmp_path / "out"))
@@ -328,4 +332,127 @@ def test_bad_weights_are_a_one_line_usage_error(tmp_path, capsys, weights, kind)
         path.write_bytes(b"\x00garbage" * 10 if kind == "garbage" else b"")
     status, out, err = _scan(capsys, [_slide(tmp_path / "s.tif")], tmp_path / "out", str(path))
     assert status == 2 and len(err.strip().splitlines()) == 1 and str(path) in err, err
+    _no_traceback(err)
+
+
+# ---- 5. every numeric option validated once, in one place ----------------------------------------------------
+
+BAD_VALUES = ["nan", "inf", "-inf", "-1", "0", "1e400", "abc", "", "2.5", "1e9"]
+SCAN_OPTIONS = ["--alpha", "--num-classes", "--mpp", "--memory-mib", "--threads", "--roi-outputs"]
+MITOSIS_OPTIONS = ["--map-threshold", "--nms-um", "--delta", "--theta1", "--theta2"]
+
+
+def _expect(option, text):
+    """Whether validate.OPTIONS allows ``text`` for ``option`` (the oracle for the CLI)."""
+    from pyfastscan.validate import OPTIONS
+
+    name = option.lstrip("-").replace("-", "_")
+    if name == "roi_outputs" and text == "auto":
+        return True
+    spec = OPTIONS[name]
+    try:
+        v = float(text)
+    except ValueError:
+        return False
+    return spec.problem(v) is None
+
+
+@pytest.mark.parametrize("option", SCAN_OPTIONS)
+@pytest.mark.parametrize("value", BAD_VALUES)
+def test_bad_scan_option_values(tmp_path, capsys, weights, option, value):
+    missing = tmp_path / "missing.tif"  # a valid value reaches the slide, which fails at once (exit 1)
+    status, out, err = _scan(capsys, [missing], tmp_path / "out", weights, f"{option}={value}")
+    _no_traceback(err)
+    if _expect(option, value):
+        assert status == 1 and "missing.tif" in err
+    else:
+        assert status == 2 and len(err.strip().splitlines()) == 1 and option in err and "must be" in err, err
+
+
+@pytest.mark.parametrize("option", MITOSIS_OPTIONS)
+@pytest.mark.parametrize("value", ["nan", "-0.5", "1", "1.5", "inf", "x"])
+def test_bad_mitosis_option_values(tmp_path, capsys, weights, option, value):
+    status = main(["mitosis", str(tmp_path / "missing.tif"), "--weights", weights, "--out", str(tmp_path / "o"),
+                   "--quiet", "--theta1=0", "--theta2=1e9", f"{option}={value}"])
+    err = capsys.readouterr().err
+    _no_traceback(err)
+    assert status == (1 if _expect(option, value) else 2), err
+    if status == 2:
+        assert option in err and len(err.strip().splitlines()) == 1
+
+
+def test_theta1_above_theta2_is_a_usage_error(tmp_path, capsys, weights):
+    status = main(["mitosis", str(tmp_path / "s.tif"), "--weights", weights, "--out", str(tmp_path / "o"),
+                   "--theta1", "30", "--theta2", "20"])
+    err = capsys.readouterr().err
+    assert status == 2 and "--theta1 (30) must not exceed --theta2 (20)" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["froc", "--pred", "P", "--gt", "G", "--level=-1"], ["froc", "--pred", "P", "--gt", "G", "--level=nan"],
+    ["froc", "--pred", "P", "--gt", "G", "--resolution=0"], ["froc", "--pred", "P", "--gt", "G", "--resolution=inf"],
+    ["f1", "--pred", "P", "--gt", "G", "--radius-px=0"], ["f1", "--pred", "P", "--gt", "G", "--radius-um=nan"],
+    ["f1", "--pred", "P", "--gt", "G", "--mpp=-1"], ["f1", "--pred", "P", "--gt", "G", "--threshold=nan"],
+])
+def test_bad_evaluate_option_values(capsys, argv):
+    status = main(["evaluate", *argv])
+    err = capsys.readouterr().err
+    assert status == 2 and argv[-1].split("=")[0] in err and "must be" in err
+    _no_traceback(err)
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kw", [dict(threshold=float("nan")), dict(threshold=-0.1), dict(alpha=0), dict(alpha=2.5),
+                                dict(alpha=True), dict(mpp=float("nan")), dict(mpp=-1.0), dict(roi_outputs="7"),
+                                dict(workers=0), dict(memory=-5), dict(positive_class=-1)])
+def test_public_scan_arguments_are_validated_before_any_work(kw):
+    from pyfastscan import InvalidArgumentError, scan_slide
+
+    name = next(iter(kw))
+    with pytest.raises(InvalidArgumentError, match=rf"^{name} must be .*, got"):
+        scan_slide(_Raising(AssertionError("read before the arguments were checked")), _model(), **kw,
+                   progress=False)
+
+
+@pytest.mark.parametrize("kw", [dict(map_threshold=float("nan")), dict(delta=1.0), dict(nms_um=-1),
+                                dict(step_um=0), dict(theta=(20, 6)), dict(theta=(float("nan"), 6))])
+def test_public_mitosis_arguments_are_validated_before_any_work(kw):
+    from pyfastscan import InvalidArgumentError, detect_mitoses
+
+    with pytest.raises(InvalidArgumentError, match="theta|must be"):
+        detect_mitoses(_Raising(AssertionError("read before the arguments were checked")), _model(), **kw,
+                       progress=False)
+
+
+@pytest.mark.parametrize("prob", ['"0.3"', "true", "null", "NaN", "[1]"])
+def test_a_probability_that_is_not_a_number_is_refused(tmp_path, prob):
+    from pyfastscan.eval.files import read_points
+    from pyfastscan.io import AnnotationError
+
+    path = tmp_path / "p.geojson"
+    path.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Point", '
+                    f'"coordinates": [1, 2]}}, "properties": {{"probability": {prob}}}}}]}}')
+    if prob == "null":  # no probability: the point counts (1.0)
+        assert read_points(str(path))[1].tolist() == [1.0]
+        return
+    with pytest.raises(AnnotationError, match=r"p\.geojson.*(probability|NaN)"):
+        read_points(str(path))
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_values = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers(-10**6, 10**6).map(str),
+                    st.text(max_size=6), st.sampled_from(["nan", "-inf", "1e400", "auto", "0x10", "1_0", " 3 "]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(opts=st.lists(st.tuples(st.sampled_from(SCAN_OPTIONS + ["--per-slide-folder", "--quiet"]), _values),
+                     max_size=3))
+def test_fuzzed_scan_options_are_exit_0_1_or_2_never_a_traceback(tmp_path, capsys, weights, opts):
+    argv = ["scan", str(tmp_path / "missing.tif"), "--weights", weights, "--out", str(tmp_path / "o")]
+    argv += [o if o in ("--per-slide-folder", "--quiet") else f"{o}={v}" for o, v in opts]
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status in (0, 1, 2), (argv, err)
     _no_traceback(err)

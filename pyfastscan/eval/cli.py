@@ -10,6 +10,7 @@ import numpy as np
 from ..io import AnnotationError, rasterize, read_asap_xml
 from ..io.files import write_json
 from ..progress import Progress
+from ..validate import cli_type
 from .classification import roc_auc
 from .detection import detection_score, f1_curve
 from .files import prediction_files, read_labels, read_points, read_points_csv, scan_report
@@ -23,8 +24,8 @@ def add_parsers(sub) -> None:
     froc.add_argument("--pred", required=True, help="folder of NAME.csv or NAME/detections.csv (scan outputs)")
     froc.add_argument("--gt", required=True,
                       help="folder of NAME.xml (ASAP) or NAME_Mask.tif ground truth; slides without one are normal")
-    froc.add_argument("--level", type=int, default=5, help="evaluation mask level, downsample 2^level (default 5)")
-    froc.add_argument("--resolution", type=float, default=0.243,
+    froc.add_argument("--level", type=cli_type("level"), default=5, help="evaluation mask level, downsample 2^level (default 5)")
+    froc.add_argument("--resolution", type=cli_type("resolution"), default=0.243,
                       help="level-0 um/px used for the 75 um growth and the ITC size (the organisers' constant 0.243)")
     froc.add_argument("--slides", default=None,
                       help="folder of the slides, for the sizes of slides whose predictions have no report.json")
@@ -42,10 +43,10 @@ def add_parsers(sub) -> None:
     f1.add_argument("--slide", default=None, help="slide (filename or uid) in a SlideRunner database")
     f1.add_argument("--class", dest="cls", default="Mitotic figure", help="class in a SlideRunner database")
     g = f1.add_mutually_exclusive_group()
-    g.add_argument("--radius-px", type=float, default=None, help="match radius in level-0 pixels (default 25)")
-    g.add_argument("--radius-um", type=float, default=None, help="match radius in um (needs --mpp)")
-    f1.add_argument("--mpp", type=float, default=None, help="level-0 um/px, for --radius-um")
-    f1.add_argument("--threshold", type=float, default=None,
+    g.add_argument("--radius-px", type=cli_type("radius_px"), default=None, help="match radius in level-0 pixels (default 25)")
+    g.add_argument("--radius-um", type=cli_type("radius_um"), default=None, help="match radius in um (needs --mpp)")
+    f1.add_argument("--mpp", type=cli_type("mpp"), default=None, help="level-0 um/px, for --radius-um")
+    f1.add_argument("--threshold", type=cli_type("f1_threshold"), default=None,
                     help="keep detections with probability >= this for the F1 line (default: all)")
     f1.add_argument("--json", default=None)
 

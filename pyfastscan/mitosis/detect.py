@@ -30,6 +30,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..validate import check
 from ..ops.hotspot import HotspotStats, hotspot_stats, mitotic_grade
 from ..pipeline.scan import Detection, SlideRun, component_maxima, infer_rois, open_scan
 
@@ -161,11 +162,13 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
         theta: grade thresholds on the circle's 95th percentile (6, 20).
         step_um: hotspot grid step.
     """
-    for name, v, lo, hi in (("map_threshold", map_threshold, 0, 1), ("delta", delta, 0, 1)):
-        if not lo <= v < hi:
-            raise InvalidArgumentError(f"{name} must be in [{lo}, {hi}), got {v!r}")
-    if not nms_um >= 0:
-        raise InvalidArgumentError(f"nms_um must be >= 0, got {nms_um!r}")
+    for name, v in (("map_threshold", map_threshold), ("delta", delta), ("nms_um", nms_um), ("step_um", step_um)):
+        check(name, v)
+    if len(theta) != 2:
+        raise InvalidArgumentError(f"theta must be (theta1, theta2), got {theta!r}")
+    theta = (check("theta1", theta[0]), check("theta2", theta[1]))
+    if theta[0] > theta[1]:
+        raise InvalidArgumentError(f"theta1 ({theta[0]:g}) must not exceed theta2 ({theta[1]:g})")
     with contextlib.ExitStack() as stack:
         job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
                         tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,

@@ -26,6 +26,7 @@ from ..dense import DenseModel, to_dense
 from ..progress import Progress
 from ..errors import InvalidArgumentError, ModelOutputError
 from ..slide.reader import Slide, open_slide
+from ..validate import check, check_optional
 from ..slide.tissue import TissueMask, otsu_tissue_mask, user_tissue_mask
 
 
@@ -75,12 +76,6 @@ class ScanResult(SlideRun):
         from .outputs import save_result
 
         return save_result(self, folder, command, heatmap_dtype)
-
-
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InvalidArgumentError(f"{name} must be a positive int, got {v!r}")
-    return v
 
 
 def memory_budget(device) -> int:
@@ -188,13 +183,16 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     tissue and plan the ROIs. Arguments as :func:`scan_slide`."""
     timings = {"open": 0.0, "tissue": 0.0, "read_wait": 0.0, "infer": 0.0, "postprocess": 0.0}
     t0 = time.perf_counter()
+    check_optional("mpp", mpp)
     opened = not isinstance(slide, Slide)
     s = open_slide(slide, default_mpp=mpp) if opened else slide
     if opened:
         stack.callback(s.close)
     if roi_outputs != "auto":
-        _positive_int("roi_outputs", roi_outputs)
-    _positive_int("workers", workers)
+        check("roi_outputs", roi_outputs)
+    check("workers", workers)
+    check("alpha", alpha)
+    check_optional("memory", memory)
     scan_mpp = float(mpp) if mpp is not None else s.mpp
     scan_ds = scan_mpp / s.mpp
     if scan_ds < 0.999:
@@ -314,8 +312,8 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
             parameters (checked). Without resume, the checkpoint starts empty.
         progress: a progress line on stderr.
     """
-    if not 0 <= threshold < 1:
-        raise InvalidArgumentError(f"threshold must be in [0, 1), got {threshold!r}")
+    check("threshold", threshold)
+    check("positive_class", positive_class)
     with contextlib.ExitStack() as stack:
         job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
                         tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,

@@ -141,6 +141,10 @@ def open_slide(slide, mpp: Optional[float] = None, default_mpp: Optional[float] 
         SlideError naming the file and the reason: missing, not a slide / corrupt, no
         resolution (pass mpp / --mpp).
     """
+    from ..validate import check_optional
+
+    check_optional("mpp", mpp)
+    check_optional("default_mpp", default_mpp)
     if all(hasattr(slide, a) for a in _INTERFACE):
         handle, name = slide, getattr(slide, "name", type(slide).__name__)
     else:
