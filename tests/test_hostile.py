@@ -456,3 +456,122 @@ def test_fuzzed_scan_options_are_exit_0_1_or_2_never_a_traceback(tmp_path, capsy
     err = capsys.readouterr().err
     assert status in (0, 1, 2), (argv, err)
     _no_traceback(err)
+
+
+# ---- 2. slides of any size open with bounded memory; absurd headers refused ----------------------------------
+
+def _sparse_huge(path, side=1_000_000, tile=4096):
+    """A BigTIFF of side x side px whose tiles are all empty but the first: < 1 MB on disk."""
+    n = (-(-side // tile)) ** 2
+
+    def tiles():
+        yield np.full((tile, tile, 3), 200, np.uint8)
+        for _ in range(n - 1):
+            yield None
+
+    with tifffile.TiffWriter(str(path), bigtiff=True) as tif:
+        tif.write(tiles(), shape=(side, side, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                  compression="zlib", resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    return str(path)
+
+
+_THUMB_UNDER_LIMIT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from pyfastscan import open_slide
+s = open_slide(sys.argv[1])
+img, ds = s.thumbnail(int(sys.argv[2]))
+print(s.dimensions[0], img.shape[0], img.shape[1], ds, *img[0, 0], *img[-1, -1])
+"""
+
+
+def test_a_huge_sparse_bigtiff_thumbnail_reads_bounded_memory(tmp_path):
+    """10^12 px with no pyramid: level 0 alone would be 4 TB; the thumbnail is sampled
+    under a 2 GiB address-space limit."""
+    import subprocess
+    import sys
+
+    path = _sparse_huge(tmp_path / "huge.tif")
+    assert os.path.getsize(path) < 1 << 20
+    r = subprocess.run([sys.executable, "-c", _THUMB_UNDER_LIMIT, path, "96"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    w, th, tw, ds, *px = r.stdout.split()
+    assert (int(w), int(th), int(tw)) == (10**6, 96, 96) and float(ds) == pytest.approx(10**6 / 96)
+    assert px == ["255"] * 6  # sampled rows miss the one real tile: white where nothing was scanned
+
+
+def test_band_and_whole_thumbnails_agree(monkeypatch):
+    import pyfastscan.slide.reader as reader
+    from pyfastscan import open_slide
+
+    img = np.random.default_rng(3).integers(0, 256, (333, 301, 3), dtype=np.uint8)
+    whole = open_slide(ArraySlide(img)).thumbnail(40)
+    monkeypatch.setattr(reader, "THUMBNAIL_BAND_BYTES", 9 * 301 * 4 * 2)  # two block rows a band
+    banded = open_slide(ArraySlide(img)).thumbnail(40)
+    assert np.array_equal(whole[0], banded[0]) and whole[1] == banded[1]
+    monkeypatch.setattr(reader, "THUMBNAIL_BAND_BYTES", 100)  # sampled: the centre pixel of each block
+    sampled, ds = open_slide(ArraySlide(img)).thumbnail(40)
+    centre = lambda n, k: np.minimum(np.arange(k) * 9 + 4, n - 1)  # noqa: E731
+    assert sampled.shape == (37, 34, 3) and ds == 301 / 34
+    assert np.array_equal(sampled, img[centre(333, 37)][:, centre(301, 34)])
+
+
+def _with_header_width(path, width):
+    """Patch ImageWidth (tag 256, LONG) of a classic little-endian TIFF in place."""
+    import struct
+
+    data = bytearray(open(path, "rb").read())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        e = ifd + 2 + 12 * k
+        tag, typ = struct.unpack_from("<HH", data, e)
+        if tag == 256:
+            struct.pack_into("<HHII", data, e, 256, 4, 1, width)
+    open(path, "wb").write(bytes(data))
+    return path
+
+
+def test_an_absurd_header_size_is_refused_as_such(tmp_path, capsys, weights):
+    bad = _with_header_width(_slide(tmp_path / "absurd.tif"), 4_000_000_000)
+    status, out, err = _scan(capsys, [bad, _slide(tmp_path / "ok.tif", seed=1)], tmp_path / "out", weights)
+    assert status == 1
+    _no_traceback(err)
+    line = [ln for ln in err.splitlines() if "FAILED" in ln]
+    assert len(line) == 1 and "absurd.tif" in line[0], err
+    _complete(tmp_path / "out" / "ok")
+
+
+def test_a_header_beyond_max_side_is_a_slide_error():
+    from pyfastscan import SlideError, open_slide
+
+    class Absurd(ArraySlide):
+        pass
+
+    s = Absurd(_tissue())
+    s.level_dimensions = [(2**31 - 1, 2**31 - 1)]
+    with pytest.raises(SlideError, match="more than 10,000,000 px a side"):
+        open_slide(s)
+    s.level_dimensions = [(0, 5)]
+    with pytest.raises(SlideError, match="not a slide's size"):
+        open_slide(s)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "no resolution", "not a slide", "directory"])
+def test_unusable_slides_are_one_line_and_the_batch_goes_on(tmp_path, capsys, weights, kind):
+    path = tmp_path / "bad.tif"
+    if kind == "truncated":
+        _slide(path)
+        path.write_bytes(path.read_bytes()[:1500])
+    elif kind == "no resolution":
+        _slide(path, mpp=None)
+    elif kind == "not a slide":
+        path.write_text("hello")
+    else:
+        path.mkdir()
+    status, out, err = _scan(capsys, [path, _slide(tmp_path / "ok.tif", seed=1)], tmp_path / "out", weights)
+    assert status == 1
+    _no_traceback(err)
+    line = [ln for ln in err.splitlines() if "FAILED" in ln]
+    assert len(line) == 1 and "bad.tif" in line[0], err
+    _complete(tmp_path / "out" / "ok")

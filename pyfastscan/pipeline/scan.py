@@ -374,6 +374,9 @@ def _plan_rois(g, n_rows: int, n_cols: int, L: int, tissue: TissueMask, scan_ds:
     return rois, math.ceil(n_rows / L) * math.ceil(n_cols / L)
 
 
+MAX_REGION_BYTES = 1 << 30  # the most one ROI may read from its level before resampling
+
+
 def _read_scan_region(s: Slide, x: int, y: int, w: int, h: int, scan_ds: float, level: int,
                       level_ds: float) -> np.ndarray:
     """RGB (h, w, 3) at the scan resolution: read from ``level`` and resampled only when
@@ -383,6 +386,12 @@ def _read_scan_region(s: Slide, x: int, y: int, w: int, h: int, scan_ds: float, 
     if abs(factor - 1) < 1e-3:
         return s.read(x0, y0, w, h, level)
     lw, lh = math.ceil(w * factor), math.ceil(h * factor)
+    if lw * lh * 4 > MAX_REGION_BYTES:
+        from ..slide.reader import SlideError
+
+        raise SlideError(f"{s.name}: no level of the slide is near the scan resolution: a {w} x {h} px ROI would "
+                         f"read {lw} x {lh} px of level {level} ({lw * lh * 4 / 2**30:.1f} GiB); scan at a finer "
+                         "resolution or give the slide a pyramid")
     img = torch.from_numpy(s.read(x0, y0, lw, lh, level)).permute(2, 0, 1)[None].float()
     img = F.interpolate(img, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     return img[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
