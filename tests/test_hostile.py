@@ -575,3 +575,48 @@ def test_unusable_slides_are_one_line_and_the_batch_goes_on(tmp_path, capsys, we
     line = [ln for ln in err.splitlines() if "FAILED" in ln]
     assert len(line) == 1 and "bad.tif" in line[0], err
     _complete(tmp_path / "out" / "ok")
+
+
+# ---- 9. the memory budget respects cgroup and RLIMIT_AS limits ------------------------------------------------
+
+def _fake_system(tmp_path, cgroup_line, files):
+    proc, root = tmp_path / "proc", tmp_path / "cg"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text(cgroup_line)
+    (proc / "meminfo").write_text("MemTotal: 64000000 kB\nMemAvailable: 32000000 kB\n")
+    (proc / "self" / "status").write_text("VmSize: 1000 kB\n")
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return str(root), str(proc)
+
+
+def test_cgroup_v2_and_v1_limits_minus_usage(tmp_path):
+    from pyfastscan.pipeline.memory import available_memory, cgroup_available
+
+    root, proc = _fake_system(tmp_path / "v2", "0::/job\n", {"job/memory.max": str(3 << 30),
+                                                              "job/memory.current": str(1 << 30)})
+    assert cgroup_available(root, proc) == 2 << 30 and available_memory(root, proc) <= 2 << 30
+    root, proc = _fake_system(tmp_path / "v1", "4:memory:/docker/x\n",
+                              {"memory/docker/x/memory.limit_in_bytes": str(512 << 20),
+                               "memory/docker/x/memory.usage_in_bytes": str(128 << 20)})
+    assert cgroup_available(root, proc) == 384 << 20
+    root, proc = _fake_system(tmp_path / "none", "0::/\n", {"memory.max": "max"})
+    assert cgroup_available(root, proc) is None
+    root, proc = _fake_system(tmp_path / "v1none", "4:memory:/\n", {"memory/memory.limit_in_bytes": str(2**63 - 4096)})
+    assert cgroup_available(root, proc) is None
+
+
+def test_the_budget_follows_ulimit_v(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import resource, os\nfrom pyfastscan.pipeline.memory import address_space_available\n" \
+           "used = int([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]) * 1024\n" \
+           "resource.setrlimit(resource.RLIMIT_AS, (used + (200 << 20),) * 2)\n" \
+           "from pyfastscan.pipeline.scan import memory_budget\n" \
+           "print(address_space_available(), memory_budget('cpu'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    left, budget = map(int, r.stdout.split())
+    assert 0 <= left <= 200 << 20 and budget <= left // 4 + 1

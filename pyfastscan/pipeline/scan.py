@@ -81,20 +81,28 @@ class ScanResult(SlideRun):
 def memory_budget(device) -> int:
     """Default bytes a scan may use for one ROI: half the free memory of a CUDA device; on
     the CPU a quarter of the available memory, at most 1 GiB (larger ROIs do not run
-    faster there: activations that stay in cache matter more than the halo they save)."""
+    faster there: activations that stay in cache matter more than the halo they save).
+    "Available" is the least of MemAvailable, the cgroup's limit minus its usage and
+    RLIMIT_AS minus the address space in use (see pipeline/memory.py)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(min(avail / 4, 1 << 30)) if avail else 1 << 30
+    from .memory import available_memory
+
+    avail = available_memory()
+    return int(min(avail / 4, 1 << 30)) if avail is not None else 1 << 30
+
+
+def _check_map_fits(name: str, n_rows: int, n_cols: int, scan_mpp: float) -> None:
+    """Refuse, before any work, a whole-slide map (float32) larger than the memory left."""
+    from ..slide.reader import SlideError
+    from .memory import available_memory
+
+    need, avail = n_rows * n_cols * 4, available_memory()
+    if avail is not None and need > avail:
+        raise SlideError(f"{name}: its map at {scan_mpp:g} um/px is {n_rows} x {n_cols} cells ({need / 2**30:.1f} GiB), "
+                         f"more than the {avail / 2**30:.1f} GiB of memory available; scan at a coarser resolution")
 
 
 def choose_roi_outputs(dense: DenseModel, budget: int, workers: int = 2, limit: int = 256) -> int:
@@ -208,6 +216,7 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     if n_rows == 0 or n_cols == 0:
         raise InvalidArgumentError(f"{s.name}: {scan_w} x {scan_h} px at {scan_mpp} um/px is smaller than one "
                                    f"patch ({g.patch} px)")
+    _check_map_fits(s.name, n_rows, n_cols, scan_mpp)
     timings["open"] = time.perf_counter() - t0
 
     t = time.perf_counter()
