@@ -18,7 +18,7 @@ def _roi_outputs(v: str):
 
 def _common(args) -> dict:
     """scan_slide / detect_mitoses keyword arguments both jobs take from the command line."""
-    return dict(alpha=args.alpha, mpp=args.mpp, device=args.device, precision=args.precision,
+    return dict(alpha=args.alpha, mpp=args.mpp, scan_mpp=args.scan_mpp, slide_mpp=args.slide_mpp, device=args.device, precision=args.precision,
                 roi_outputs=args.roi_outputs, memory=args.memory_mib << 20 if args.memory_mib else None,
                 progress=not args.quiet)
 
@@ -104,6 +104,9 @@ def _slides(args, run_one) -> int:
         return EXIT_USAGE
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mpp is not None:
+        print(f"pyfastscan {job}: --mpp is deprecated: use --scan-mpp (the resolution to scan at) and --slide-mpp "
+              "(level 0's, for slides without one)", file=sys.stderr)
     command = " ".join(shlex.quote(a) for a in sys.argv)
     try:
         folders = slide_folders(args.out, args.slides, args.per_slide_folder)
@@ -113,7 +116,8 @@ def _slides(args, run_one) -> int:
     failed, internal = [], False
     for path, out in zip(args.slides, folders):
         try:
-            slide = open_slide(path, default_mpp=args.mpp)  # a bad slide fails before any folder is made
+            # a bad slide fails before any folder is made
+            slide = open_slide(path, default_mpp=args.slide_mpp if args.slide_mpp is not None else args.mpp)
             try:
                 # an unwritable, locked or already used folder fails before the work, not after it
                 with claim_folder(out, path, job, overwrite=args.overwrite):
@@ -194,8 +198,12 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run or another slide found in an output folder "
                         "(refused otherwise)")
+    p.add_argument("--scan-mpp", type=cli_type("scan_mpp"), default=None,
+                   help="the resolution to scan at, um/px (default: the slide's level 0)")
+    p.add_argument("--slide-mpp", type=cli_type("slide_mpp"), default=None,
+                   help="level-0 um/px of slides that do not say their own (others keep theirs)")
     p.add_argument("--mpp", type=cli_type("mpp"), default=None,
-                   help="scan resolution in um/px (default: level 0); the level-0 resolution of slides without one")
+                   help="deprecated: --scan-mpp, and --slide-mpp for slides without a resolution")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--roi-outputs", type=_roi_outputs, default="auto",

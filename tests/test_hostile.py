@@ -338,7 +338,7 @@ def test_bad_weights_are_a_one_line_usage_error(tmp_path, capsys, weights, kind)
 # ---- 5. every numeric option validated once, in one place ----------------------------------------------------
 
 BAD_VALUES = ["nan", "inf", "-inf", "-1", "0", "1e400", "abc", "", "2.5", "1e9"]
-SCAN_OPTIONS = ["--alpha", "--num-classes", "--mpp", "--memory-mib", "--threads", "--roi-outputs"]
+SCAN_OPTIONS = ["--alpha", "--num-classes", "--mpp", "--scan-mpp", "--slide-mpp", "--memory-mib", "--threads", "--roi-outputs"]
 MITOSIS_OPTIONS = ["--map-threshold", "--nms-um", "--delta", "--theta1", "--theta2"]
 
 
@@ -620,3 +620,66 @@ def test_the_budget_follows_ulimit_v(tmp_path):
     assert r.returncode == 0, r.stderr
     left, budget = map(int, r.stdout.split())
     assert 0 <= left <= 200 << 20 and budget <= left // 4 + 1
+
+
+# ---- 6. resolution: --scan-mpp, --slide-mpp, the model's resolution, evaluate froc ------------------------------
+
+def test_scan_mpp_and_slide_mpp_are_separate(small_result):
+    from pyfastscan import scan_slide
+
+    model, mask = _model(torch.float32), np.ones((4, 4), bool)
+    kw = dict(roi_outputs=64, tissue_mask=mask, progress=False)
+    own = ArraySlide(_tissue(), mpp=0.25)
+    res = scan_slide(own, model, scan_mpp=0.5, slide_mpp=9.0, **kw)  # the slide's own 0.25 is kept
+    assert (res.slide_mpp, res.scan_mpp) == (0.25, 0.5)
+    res = scan_slide(ArraySlide(_tissue(), mpp=None), model, slide_mpp=0.25, scan_mpp=0.5, **kw)
+    assert (res.slide_mpp, res.scan_mpp) == (0.25, 0.5)
+    res = scan_slide(ArraySlide(_tissue(), mpp=None), model, mpp=0.4, **kw)  # the old option: both
+    assert (res.slide_mpp, res.scan_mpp) == (0.4, 0.4)
+
+
+def test_the_models_resolution_is_the_default_and_a_mismatch_warns():
+    from pyfastscan import scan_slide
+
+    kw = dict(roi_outputs=64, tissue_mask=np.ones((4, 4), bool), progress=False)
+    res = scan_slide(ArraySlide(_tissue(), mpp=0.25), _model(torch.float32), model_mpp=0.5, **kw)
+    assert res.scan_mpp == 0.5
+    with pytest.warns(UserWarning, match=r"scanning at 0.25 um/px, but the model was trained at 0.5 um/px"):
+        scan_slide(ArraySlide(_tissue(), mpp=0.25), _model(torch.float32), model_mpp=0.5, scan_mpp=0.25, **kw)
+
+
+def test_cli_scan_mpp_slide_mpp_and_the_deprecated_mpp(tmp_path, capsys, weights):
+    bare = _slide(tmp_path / "bare.tif", mpp=None)
+    status, _, err = _scan(capsys, [bare], tmp_path / "o1", weights)
+    assert status == 1 and "--slide-mpp" in err
+    status, _, err = _scan(capsys, [bare], tmp_path / "o2", weights, "--slide-mpp", "0.25", "--scan-mpp", "0.3")
+    assert status == 0, err
+    rep = json.load(open(tmp_path / "o2" / "report.json"))
+    assert (rep["slide_mpp"], rep["scan_mpp"]) == (0.25, 0.3)
+    status, _, err = _scan(capsys, [bare], tmp_path / "o3", weights, "--mpp", "0.25")
+    assert status == 0 and "--mpp is deprecated: use --scan-mpp" in err
+    assert json.load(open(tmp_path / "o3" / "report.json"))["slide_mpp"] == 0.25
+
+
+def test_froc_takes_the_resolution_from_report_json(tmp_path, capsys):
+    pred = tmp_path / "pred" / "tumor_001"
+    pred.mkdir(parents=True)
+    (pred / "detections.csv").write_text("0.9,100.0,100.0\n")
+    (pred / "report.json").write_text(json.dumps({"slide_mpp": 0.5, "slide_size_px": [2048, 2048]}))
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    (gt / "tumor_001.xml").write_text(
+        '<ASAP_Annotations><Annotations><Annotation Name="a" Type="Polygon" PartOfGroup="Tumor">'
+        '<Coordinates><Coordinate Order="0" X="50" Y="50"/><Coordinate Order="1" X="1500" Y="50"/>'
+        '<Coordinate Order="2" X="1500" Y="1500"/><Coordinate Order="3" X="50" Y="1500"/></Coordinates>'
+        '</Annotation></Annotations><AnnotationGroups/></ASAP_Annotations>')
+    out = tmp_path / "froc.json"
+    status = main(["evaluate", "froc", "--pred", str(tmp_path / "pred"), "--gt", str(gt), "--level", "2",
+                   "--json", str(out), "--plot", str(tmp_path / "f.png")])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert json.load(open(out))["resolution_per_slide"] == {"tumor_001": 0.5}
+    status = main(["evaluate", "froc", "--pred", str(tmp_path / "pred"), "--gt", str(gt), "--level", "2",
+                   "--resolution", "0.243", "--json", str(out), "--plot", str(tmp_path / "f.png")])
+    capsys.readouterr()
+    assert status == 0 and json.load(open(out))["resolution_per_slide"] == {"tumor_001": 0.243}

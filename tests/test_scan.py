@@ -167,7 +167,7 @@ def test_slide_errors_name_the_file(tmp_path):
     bad.write_text("not a slide")
     with pytest.raises(SlideError, match="notes.svs"):
         open_slide(bad)
-    with pytest.raises(SlideError, match="--mpp"):
+    with pytest.raises(SlideError, match="--slide-mpp"):
         scan_slide(ArraySlide(_image(), mpp=None), _model(), progress=False)
     res = scan_slide(ArraySlide(_image(), mpp=None), _model(), mpp=0.5, progress=False)  # mpp stands in
     assert res.slide_mpp == 0.5

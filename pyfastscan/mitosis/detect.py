@@ -145,11 +145,12 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
                    region_mask=None, roi_outputs="auto", memory: Optional[int] = None, positive_class: int = 1,
                    map_threshold: float = 0.8, nms_um: float = 25.0, delta: float = 0.970,
                    theta: Sequence[float] = (6, 20), step_um: float = 8.0, workers: int = 2,
-                   progress: bool = True) -> MitosisResult:
+                   progress: bool = True, scan_mpp: Optional[float] = None, slide_mpp: Optional[float] = None,
+                   model_mpp: Optional[float] = None) -> MitosisResult:
     """Detect mitotic figures over a whole slide and report the hotspot and grade.
 
     Args:
-        slide, model, mpp, device, precision, plan, tissue_mask, tissue_labels,
+        slide, model, mpp, scan_mpp, slide_mpp, model_mpp, device, precision, plan, tissue_mask, tissue_labels,
             roi_outputs, memory, positive_class, workers, progress: as :func:`scan_slide`.
             The default model is ``tellez_cnn`` (gamma 0.6) with trained weights.
         alpha: dense factor; 1 (default) gives the network's own stride (4 px for tellez_cnn).
@@ -172,7 +173,7 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
     with contextlib.ExitStack() as stack:
         job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
                         tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,
-                        memory=memory, workers=workers)
+                        memory=memory, workers=workers, scan_mpp=scan_mpp, slide_mpp=slide_mpp, model_mpp=model_mpp)
         s, timings = job.slide, job.timings
         det = BandDetector(job.n_cols, map_threshold)
         band, band_row0 = None, -1

@@ -184,16 +184,35 @@ class ScanJob:
                     thumbnail=self.thumbnail, thumbnail_downsample=self.thumbnail_downsample)
 
 
+def resolve_scan_mpp(name: str, level0_mpp: float, scan_mpp: Optional[float], model_mpp: Optional[float]) -> float:
+    """The resolution to scan at: ``scan_mpp`` if given, else the model's own resolution
+    ``model_mpp`` (from its weights' metadata), else level 0. Warns when it differs from
+    ``model_mpp`` by more than 10%: the model then sees tissue at a scale it was not
+    trained on."""
+    import warnings
+
+    chosen = scan_mpp if scan_mpp is not None else model_mpp if model_mpp is not None else level0_mpp
+    if model_mpp is not None and abs(chosen / model_mpp - 1) > 0.1:
+        warnings.warn(f"{name}: scanning at {chosen:g} um/px, but the model was trained at {model_mpp:g} um/px "
+                      f"({chosen / model_mpp:.2f}x): expect worse results", UserWarning, stacklevel=3)
+    return float(chosen)
+
+
 def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: int, mpp: Optional[float], device,
               precision: str, plan: str, tissue_mask, tissue_labels, roi_outputs, memory: Optional[int],
-              workers: int) -> ScanJob:
+              workers: int, scan_mpp: Optional[float] = None, slide_mpp: Optional[float] = None,
+              model_mpp: Optional[float] = None) -> ScanJob:
     """Open ``slide`` (closed by ``stack`` if opened here), make the dense model, find the
     tissue and plan the ROIs. Arguments as :func:`scan_slide`."""
     timings = {"open": 0.0, "tissue": 0.0, "read_wait": 0.0, "infer": 0.0, "postprocess": 0.0}
     t0 = time.perf_counter()
-    check_optional("mpp", mpp)
+    for name, v in (("mpp", mpp), ("scan_mpp", scan_mpp), ("slide_mpp", slide_mpp), ("model_mpp", model_mpp)):
+        check_optional(name, v)
+    if mpp is not None:  # the old single option: the scan resolution, and level 0's where the slide has none
+        scan_mpp = mpp if scan_mpp is None else scan_mpp
+        slide_mpp = mpp if slide_mpp is None else slide_mpp
     opened = not isinstance(slide, Slide)
-    s = open_slide(slide, default_mpp=mpp) if opened else slide
+    s = open_slide(slide, default_mpp=slide_mpp) if opened else slide
     if opened:
         stack.callback(s.close)
     if roi_outputs != "auto":
@@ -201,7 +220,7 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     check("workers", workers)
     check("alpha", alpha)
     check_optional("memory", memory)
-    scan_mpp = float(mpp) if mpp is not None else s.mpp
+    scan_mpp = resolve_scan_mpp(s.name, s.mpp, scan_mpp, model_mpp)
     scan_ds = scan_mpp / s.mpp
     if scan_ds < 0.999:
         raise InvalidArgumentError(f"{s.name}: cannot scan at {scan_mpp} um/px, finer than level 0 ({s.mpp} um/px)")
@@ -295,7 +314,8 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
                precision: str = "fp32", plan: str = "minimal", tissue_mask=None, tissue_labels=None,
                roi_outputs="auto", memory: Optional[int] = None, positive_class: int = 1,
                threshold: float = 0.5, workers: int = 2, checkpoint: Optional[str] = None,
-               resume: bool = False, progress: bool = True) -> ScanResult:
+               resume: bool = False, progress: bool = True, scan_mpp: Optional[float] = None,
+               slide_mpp: Optional[float] = None, model_mpp: Optional[float] = None) -> ScanResult:
     """Dense scan of a whole slide with a padding-free patch classifier.
 
     Args:
@@ -305,8 +325,13 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
             scaled to [0, 1]; its output channels are logits (a softmax is applied) unless
             its last layer is a Softmax.
         alpha: dense factor; the map's step is S_p / alpha pixels at the scan level.
-        mpp: scan resolution in um/px (default: the slide's level 0). For a slide with no
-            resolution of its own, mpp is taken as its level-0 resolution.
+        mpp: deprecated, both ``scan_mpp`` and ``slide_mpp`` at once (what it meant before
+            they existed).
+        scan_mpp: the resolution to scan at, um/px (default: ``model_mpp`` if given, else
+            the slide's level 0).
+        slide_mpp: level-0 um/px of a slide that has no resolution of its own.
+        model_mpp: the resolution the model was trained at (its weights' metadata); a scan
+            resolution more than 10% away from it warns.
         device, precision, plan: where and how the dense model runs (see to_dense).
         tissue_mask: None (Otsu on a thumbnail), or a mask image at any downsample
             (nonzero = tissue, or label values in ``tissue_labels``).
@@ -326,7 +351,7 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
     with contextlib.ExitStack() as stack:
         job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
                         tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,
-                        memory=memory, workers=workers)
+                        memory=memory, workers=workers, scan_mpp=scan_mpp, slide_mpp=slide_mpp, model_mpp=model_mpp)
         s, rois, timings = job.slide, job.rois, job.timings
         heat = np.zeros((job.n_rows, job.n_cols), dtype=np.float32)  # pages never written stay unallocated
         log = None

@@ -227,6 +227,6 @@ def open_slide(slide, mpp: Optional[float] = None, default_mpp: Optional[float] 
     if chosen is None:
         if handle is not slide:
             handle.close()
-        raise NoResolutionError(f"{name}: the slide has no resolution (no openslide.mpp-x property); pass mpp= "
-                         "(--mpp on the command line) with its level-0 micrometres per pixel")
+        raise NoResolutionError(f"{name}: the slide has no resolution (no openslide.mpp-x property); pass slide_mpp= "
+                         "(--slide-mpp on the command line) with its level-0 micrometres per pixel")
     return Slide(handle, name, float(chosen))
