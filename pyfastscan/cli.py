@@ -6,16 +6,19 @@ import shlex
 import sys
 import warnings
 
+from .validate import cli_type
+
 CHECKPOINT = ".pyfastscan-scan.ckpt"  # in each slide's output folder while its scan runs
+ERROR_LOG = "pyfastscan-error.log"  # where an internal error's traceback is kept
 
 
 def _roi_outputs(v: str):
-    return v if v == "auto" else int(v)
+    return v if v == "auto" else cli_type("roi_outputs")(v)
 
 
 def _common(args) -> dict:
     """scan_slide / detect_mitoses keyword arguments both jobs take from the command line."""
-    return dict(alpha=args.alpha, mpp=args.mpp, device=args.device, precision=args.precision,
+    return dict(alpha=args.alpha, mpp=args.mpp, scan_mpp=args.scan_mpp, slide_mpp=args.slide_mpp, device=args.device, precision=args.precision,
                 roi_outputs=args.roi_outputs, memory=args.memory_mib << 20 if args.memory_mib else None,
                 progress=not args.quiet, mode=args.mode, patch=args.patch, stride=args.stride,
                 batch_size=args.batch_size, workers=args.readers)
@@ -27,7 +30,7 @@ def _warn_line(message, category, filename, lineno, file=None, line=None):
 
 def _load_cli_model(args):
     """The classifier from --weights: its architecture, classes, resolution, normalisation and
-    patch grid from the file's metadata; --arch, --arch-kwargs, --num-classes, --mpp,
+    patch grid from the file's metadata; --arch, --arch-kwargs, --num-classes,
     --positive-class, --patch and --stride override it, with a warning where they contradict
     it. Returns the model (with its card)."""
     from .models import load_model
@@ -49,8 +52,8 @@ def _load_cli_model(args):
     if file_card is not None and arch in (None, file_card.arch) and kwargs is not None:
         kwargs = dict(file_card.arch_kwargs, **kwargs)  # options add to the file's arguments
     model = load_model(args.weights, arch=arch, arch_kwargs=kwargs)
-    card = override_card(card_of(model), "--option", mpp=args.mpp, positive_class=args.positive_class,
-                         patch=args.patch, stride=args.stride)
+    card = override_card(card_of(model), "--option", positive_class=args.positive_class, patch=args.patch,
+                         stride=args.stride)
     setattr(model, CARD_ATTR, card)
     return model
 
@@ -88,64 +91,151 @@ def _mitosis_one(slide, out, model, args, command):
             f"{res.timings['total']:.1f} s -> {os.path.dirname(paths['report'])}")
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_CODES = ("exit status: 0 every slide done, 1 some slides failed (each reported on one line), "
+              "2 usage error (a bad option or weights file), 3 internal error (the traceback is in "
+              f"{ERROR_LOG} in the output folder)")
+
+
+def _internal_error(folder, where: str, exc: BaseException) -> str:
+    """Keep the traceback of an unexpected exception in ``folder``/ERROR_LOG; returns the
+    one line the terminal gets."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        log = os.path.join(folder, ERROR_LOG)
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"pyfastscan {__import__('pyfastscan').__version__}: {where}\n{text}\n")
+        kept = f"traceback in {log}"
+    except OSError:
+        import tempfile
+
+        fd, log = tempfile.mkstemp(prefix="pyfastscan-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        kept = f"traceback in {log}"
+    return f"internal error ({type(exc).__name__}: {exc}); please report it with the {kept}"
+
+
 def _slides(args, run_one) -> int:
-    """Run ``run_one`` on every slide; a slide that fails is reported and the others go on.
-    Exit status 0 when all succeeded, 1 when any failed, 2 when the weights do not load."""
+    """Run ``run_one`` on every slide; a slide that fails, for any reason, is reported on one
+    line with its file and the reason, its output folder is marked failed, and the others
+    go on. Returns the exit status (see EXIT_CODES)."""
     import torch
 
     from . import open_slide
     from .errors import PyfastscanError
-    from .io.files import prepare_folder
+    from .io.files import claim_folder, slide_folders, write_status
 
     job = args.command
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _warn_line
-            model = _load_cli_model(args)
+        model = _load_cli_model(args)
     except (PyfastscanError, OSError, ValueError) as exc:
-        print(f"pyfastscan {job}: cannot load weights {args.weights}: {exc}", file=sys.stderr)
-        return 2
+        print(f"pyfastscan {job}: cannot load weights {args.weights}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mpp is not None:
+        print(f"pyfastscan {job}: --mpp is deprecated: use --scan-mpp (the resolution to scan at) and --slide-mpp "
+              "(level 0's, for slides without one)", file=sys.stderr)
     command = " ".join(shlex.quote(a) for a in sys.argv)
-    failed = []
-    for path in args.slides:
-        name = os.path.splitext(os.path.basename(path))[0]
-        out = os.path.join(args.out, name) if len(args.slides) > 1 or args.per_slide_folder else args.out
+    try:
+        folders = slide_folders(args.out, args.slides, args.per_slide_folder)
+    except PyfastscanError as exc:
+        print(f"pyfastscan {job}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    failed, internal = [], False
+    for path, out in zip(args.slides, folders):
         try:
-            slide = open_slide(path, default_mpp=args.mpp)  # a bad slide fails before any folder is made
+            # a bad slide fails before any folder is made
+            slide = open_slide(path, default_mpp=args.slide_mpp if args.slide_mpp is not None else args.mpp)
             try:
-                prepare_folder(out)  # an unwritable folder fails before the work, not after it
-                summary = run_one(slide, out, model, args, command)
+                # an unwritable, locked or already used folder fails before the work, not after it
+                with claim_folder(out, path, job, overwrite=args.overwrite):
+                    try:
+                        summary = run_one(slide, out, model, args, command)
+                        write_status(out, "done", slide=os.path.abspath(path), job=job)
+                    except BaseException as exc:  # marked while the folder is still locked
+                        exc.pyfastscan_reason = _reason(exc, out, f"{job} {path}")
+                        _mark_failed(out, path, job, exc.pyfastscan_reason[0])
+                        raise
             finally:
                 slide.close()
-        except (PyfastscanError, OSError, ValueError, RuntimeError) as exc:
-            print(f"pyfastscan {job}: {path}: FAILED: {exc}", file=sys.stderr)
-            failed.append(path)
-            continue
         except KeyboardInterrupt:
             again = "; run the same command with --resume to continue from the ROIs already finished" \
                 if job == "scan" else ""
             print(f"\npyfastscan {job}: interrupted during {path}{again}", file=sys.stderr)
             return 130
+        except Exception as exc:
+            reason, bug = getattr(exc, "pyfastscan_reason", None) or _reason(exc, args.out, f"{job} {path}")
+            internal |= bug
+            if reason.startswith(f"{path}: "):  # slide errors name the file: once is enough
+                reason = reason[len(path) + 2:]
+            print(f"pyfastscan {job}: {path}: FAILED: {reason}", file=sys.stderr)
+            failed.append(path)
+            continue
         print(f"{path}: {summary}")
     if failed:
         print(f"pyfastscan {job}: {len(failed)} of {len(args.slides)} slides failed: {', '.join(failed)}",
               file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_INTERNAL if internal else EXIT_FAILED
+    return EXIT_OK
+
+
+def _reason(exc: BaseException, folder: str, where: str):
+    """(the one-line reason a slide failed, whether it is an internal error). Errors a user
+    can act on are pyfastscan's own, the system's (OSError) and running out of memory;
+    anything else is a bug, whose traceback is kept in ``folder``/ERROR_LOG."""
+    from .errors import PyfastscanError
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", False
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({_one_line(exc) or 'MemoryError'}); try a smaller --memory-mib or --roi-outputs", False
+    if isinstance(exc, (PyfastscanError, OSError)):
+        return _one_line(exc), False
+    return _internal_error(folder, where, exc), True
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _mark_failed(out: str, path: str, job: str, reason: str) -> None:
+    """Leave ``out`` marked failed: status "failed" with the reason, no report.json (a
+    report from a previous run of this folder would otherwise look like this run's)."""
+    from .io.files import write_status
+
+    try:
+        report = os.path.join(out, "report.json")
+        if os.path.exists(report):
+            os.remove(report)
+        write_status(out, "failed", slide=os.path.abspath(path), job=job, reason=reason)
+    except OSError:
+        pass  # the folder itself is what failed: nothing can be marked in it
 
 
 def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
-    p = sub.add_parser(name, help=help)
+    p = sub.add_parser(name, help=help, epilog=EXIT_CODES)
     p.add_argument("slides", nargs="+", metavar="SLIDE")
     _model_options(p, alpha, f"default {arch} for a file that names none")
     p.set_defaults(default_arch=arch)
-    p.add_argument("--out", required=True, help="output folder (one sub-folder per slide when several)")
+    p.add_argument("--out", required=True,
+                   help="output folder; for several slides one sub-folder each: OUT/<the slide's path relative to "
+                        "the slides' common folder, without extension>")
     p.add_argument("--per-slide-folder", action="store_true", help="use OUT/<slide name> for a single slide too")
-    p.add_argument("--mpp", type=float, default=None,
-                   help="scan resolution in um/px (default: the resolution the weights file says the model was "
-                        "trained at, else level 0); the level-0 resolution of slides without one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run or another slide found in an output folder "
+                        "(refused otherwise)")
+    p.add_argument("--scan-mpp", type=cli_type("scan_mpp"), default=None,
+                   help="the resolution to scan at, um/px (default: the resolution the weights file says the model "
+                        "was trained at, else the slide's level 0)")
+    p.add_argument("--slide-mpp", type=cli_type("slide_mpp"), default=None,
+                   help="level-0 um/px of slides that do not say their own (others keep theirs)")
+    p.add_argument("--mpp", type=cli_type("mpp"), default=None,
+                   help="deprecated: --scan-mpp, and --slide-mpp for slides without a resolution")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16"), default="auto",
                    help="auto (default): bf16 on a CPU with AMX or a CUDA device of compute capability >= 8.0, "
@@ -153,15 +243,15 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
     p.add_argument("--mode", choices=("auto", "dense", "patch"), default="auto",
                    help="dense (padding-free networks, exact and fast), patch (any network, on every patch), or "
                         "auto: dense when the network converts, else patch (default auto)")
-    p.add_argument("--batch-size", type=int, default=None, help="patches per batch in patch mode (default: from "
+    p.add_argument("--batch-size", type=cli_type("batch_size"), default=None, help="patches per batch in patch mode (default: from "
                                                                 "the memory budget)")
     p.add_argument("--roi-outputs", type=_roi_outputs, default="auto",
                    help="L_m': map cells per ROI side (default auto: the largest that fits --memory-mib)")
-    p.add_argument("--memory-mib", type=int, default=0,
+    p.add_argument("--memory-mib", type=cli_type("memory_mib"), default=0,
                    help="memory budget for one ROI (default: half the free GPU memory, or a quarter of the "
                         "available RAM up to 1 GiB)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--readers", type=int, default=None,
+    p.add_argument("--threads", type=cli_type("threads"), default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--readers", type=cli_type("readers"), default=None,
                    help="threads decoding ROIs ahead of the model (default: one per core, at least 2, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
@@ -176,13 +266,14 @@ def _model_options(p, alpha: int, arch_help: str = "", weights_required: bool = 
                    help="architecture (registry name, see `pyfastscan models`), for files that do not name theirs"
                         + (f"; {arch_help}" if arch_help else ""))
     p.add_argument("--arch-kwargs", default=None, metavar="JSON", help='architecture arguments, e.g. \'{"width": 0.5}\'')
-    p.add_argument("--num-classes", type=int, default=None, help="shorthand for --arch-kwargs num_classes")
-    p.add_argument("--positive-class", type=int, default=None,
+    p.add_argument("--num-classes", type=cli_type("num_classes"), default=None,
+                   help="shorthand for --arch-kwargs num_classes")
+    p.add_argument("--positive-class", type=cli_type("positive_class"), default=None,
                    help="output channel the map shows (default: the weights file's, else 1)")
-    p.add_argument("--patch", type=int, default=None, help="patch mode: patch side in px (default: the file's)")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--patch", type=cli_type("patch"), default=None, help="patch mode: patch side in px (default: the file's)")
+    p.add_argument("--stride", type=cli_type("stride"), default=None,
                    help="patch mode: grid stride at alpha 1 in px (default: the file's); the step is stride / alpha")
-    p.add_argument("--alpha", type=int, default=alpha, help=f"dense factor (map step = stride / alpha; default {alpha})")
+    p.add_argument("--alpha", type=cli_type("alpha"), default=alpha, help=f"dense factor (map step = stride / alpha; default {alpha})")
 
 
 def _models(args) -> int:
@@ -225,9 +316,7 @@ def _export(args) -> int:
     from .models.files import card_of
 
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _warn_line
-            model = _load_cli_model(args)
+        model = _load_cli_model(args)
         card = card_of(model)
         info = export_onnx(model, args.output, roi_outputs=args.roi_outputs, alpha=args.alpha, plan=args.plan,
                            normalize=card.normalize if card else None)
@@ -238,8 +327,17 @@ def _export(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (the option and what it must be) and exit
+    status 2; the full usage is in --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pyfastscan", description="Fast, dense CNN inference on whole-slide images.")
+    parser = _Parser(prog="pyfastscan", description="Fast, dense CNN inference on whole-slide images.",
+                                     epilog=EXIT_CODES)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print what was built and which backends can run here")
     info.add_argument("--json", action="store_true", help="print the full build_info() as JSON")
@@ -255,12 +353,12 @@ def main(argv=None) -> int:
                       help="write heatmap.tif as float32 probabilities (QuPath, tifffile) instead of uint8 x 255 "
                            "(which OpenSlide and ASAP also open)")
     mit = _slide_job_parser(sub, "mitosis", "mitoses, hotspot and grade per slide (Tellez et al.)", "tellez_cnn", 1)
-    mit.add_argument("--map-threshold", type=float, default=0.8, help="map binarisation threshold (0.8)")
-    mit.add_argument("--nms-um", type=float, default=25.0, help="minimum distance between detections, um (25)")
-    mit.add_argument("--delta", type=float, default=0.970,
+    mit.add_argument("--map-threshold", type=cli_type("map_threshold"), default=0.8, help="map binarisation threshold (0.8)")
+    mit.add_argument("--nms-um", type=cli_type("nms_um"), default=25.0, help="minimum distance between detections, um (25)")
+    mit.add_argument("--delta", type=cli_type("delta"), default=0.970,
                      help="probability a detection needs to count (0.970; the paper's F1 operating point is 0.919)")
-    mit.add_argument("--theta1", type=float, default=6, help="grade 1 up to this hotspot count (6)")
-    mit.add_argument("--theta2", type=float, default=20, help="grade 2 up to this hotspot count (20), then 3")
+    mit.add_argument("--theta1", type=cli_type("theta1"), default=6, help="grade 1 up to this hotspot count (6)")
+    mit.add_argument("--theta2", type=cli_type("theta2"), default=20, help="grade 2 up to this hotspot count (20), then 3")
     mit.add_argument("--region", default=None,
                      help="count only inside these polygons (ASAP .xml or .geojson, level-0 px), e.g. the tumour")
     bench = sub.add_parser("bench", help="cells per second of dense and patch mode in each precision, and the read "
@@ -269,21 +367,36 @@ def main(argv=None) -> int:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--precision", action="append", choices=("fp32", "bf16"), default=None,
                        help="precision to time (repeatable; default fp32, and bf16 where auto picks it)")
-    bench.add_argument("--roi-outputs", type=int, default=16, help="map cells per ROI side for dense mode (16)")
+    bench.add_argument("--roi-outputs", type=cli_type("roi_outputs"), default=16, help="map cells per ROI side for dense mode (16)")
     bench.add_argument("--slide", default=None, help="also measure this slide's read ceiling")
-    bench.add_argument("--repeats", type=int, default=3, help="timed calls per scanner (3; the median is reported)")
+    bench.add_argument("--repeats", type=cli_type("repeats"), default=3, help="timed calls per scanner (3; the median is reported)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
-    bench.add_argument("--mpp", type=float, default=None, help=argparse.SUPPRESS)
     exp = sub.add_parser("export", help="write the dense model for a fixed ROI size as ONNX")
     _model_options(exp, 1)
-    exp.add_argument("--roi-outputs", type=int, required=True, help="L_m': map cells per ROI side")
+    exp.add_argument("--roi-outputs", type=cli_type("roi_outputs"), required=True, help="L_m': map cells per ROI side")
     exp.add_argument("--plan", choices=("minimal", "paper"), default="minimal", help="conversion plan (minimal)")
-    exp.add_argument("--mpp", type=float, default=None, help=argparse.SUPPRESS)
     exp.add_argument("output", metavar="OUT.onnx")
     from .eval.cli import add_parsers
 
     add_parsers(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (2, said on stderr) or --help (0): a status, in-process too
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn_line  # one line per warning, not Python's file:line form
+            return _run(args)
+    except KeyboardInterrupt:
+        print(f"\npyfastscan {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line on the terminal, the traceback in a log file
+        folder = getattr(args, "out", None) or os.getcwd()
+        print(f"pyfastscan {args.command}: {_internal_error(folder, ' '.join(sys.argv), exc)}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _run(args) -> int:
     if args.command == "info":
         from .backends import build_info, format_build_info
 
@@ -310,6 +423,10 @@ def main(argv=None) -> int:
     if args.command == "scan":
         return _slides(args, _scan_one)
     if args.command == "mitosis":
+        if args.theta1 > args.theta2:
+            print(f"pyfastscan mitosis: error: --theta1 ({args.theta1:g}) must not exceed --theta2 "
+                  f"({args.theta2:g})", file=sys.stderr)
+            return EXIT_USAGE
         return _slides(args, _mitosis_one)
     if args.command == "evaluate":
         from .eval.cli import main as evaluate

@@ -11,3 +11,7 @@ class InvalidArgumentError(PyfastscanError, ValueError):
 
 class BackendUnavailableError(PyfastscanError, RuntimeError):
     """No backend (or not the requested one) can run this call; the message says why."""
+
+
+class ModelOutputError(PyfastscanError, ValueError):
+    """The model produced values that are not probabilities (NaN or infinity)."""

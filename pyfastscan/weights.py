@@ -1,5 +1,6 @@
 """Loading trained weights safely: .safetensors, or PyTorch checkpoints with weights_only=True
 (nothing in a file can execute code)."""
+import pickle
 from pathlib import Path
 
 import torch
@@ -28,7 +29,13 @@ def _read(path: Path) -> dict:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except WeightsError:
         raise
-    except Exception as exc:  # corrupt file, pickled code refused by weights_only, ...
+    except pickle.UnpicklingError:  # refused by weights_only: PyTorch's advice would be to run it
+        raise WeightsError(f"cannot read weights from {path}: it holds code or Python objects, not only tensors; "
+                           "pyfastscan does not load such "
+                           "files, since loading them could run any code. Save the state dict as .safetensors "
+                           "(safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')) from a "
+                           "trusted environment") from None
+    except Exception as exc:  # corrupt file, truncated zip, ...
         raise WeightsError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}") from exc
     for key in ("state_dict", "model_state_dict", "model"):  # common checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -189,7 +189,10 @@ def test_mitosis_cli_and_bad_input(tmp_path, capsys):
 
     weights = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in tellez_cnn().state_dict().items()}, str(weights))
-    status = main(["mitosis", skin_slide_path(), str(tmp_path / "missing.svs"), "--weights", str(weights),
+    import shutil
+
+    svs = shutil.copy(skin_slide_path(), tmp_path / "cmu_small_region.svs")  # beside the other: OUT/<name>
+    status = main(["mitosis", str(svs), str(tmp_path / "missing.svs"), "--weights", str(weights),
                    "--mpp", "4.0", "--out", str(tmp_path / "out"), "--quiet"])
     assert status == 1
     assert os.path.exists(tmp_path / "out" / "cmu_small_region" / "report.json")

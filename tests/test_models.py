@@ -173,7 +173,7 @@ def test_bundled_demo_model_describes_itself():
 
 def test_cli_scan_needs_only_the_weights(tmp_path, capsys):
     """`pyfastscan scan SLIDE --weights demo.safetensors`: architecture, class and resolution
-    come from the file; --mpp overrides with a warning."""
+    come from the file; --scan-mpp overrides the resolution, with a warning."""
     pytest.importorskip("openslide")
     from pyfastscan.cli import main
     from pyfastscan.demo_train import WEIGHTS
@@ -185,9 +185,9 @@ def test_cli_scan_needs_only_the_weights(tmp_path, capsys):
     assert report["model_geometry"]["patch"] == 38 and report["model_geometry"]["mode"] == "dense"
     capsys.readouterr()
     assert main(["scan", skin_slide_path(), "--weights", WEIGHTS, "--out", str(tmp_path / "o2"), "--quiet",
-                 "--mpp", "4.0"]) == 0
+                 "--scan-mpp", "4.0"]) == 0
     err = capsys.readouterr().err
-    assert "warning: --option mpp=4.0 overrides the weights file's mpp=1.0" in err
+    assert "warning: " in err and "scanning at 4 um/px, but the model was trained at 1 um/px" in err
     assert json.load(open(tmp_path / "o2" / "report.json"))["scan_mpp"] == pytest.approx(4.0)
 
 
@@ -207,8 +207,7 @@ def test_scan_leaves_the_callers_model_as_it_was():
 
     net = _seeded(tellez_cnn(gamma=0.125)).double().train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    img = np.full((300, 300, 3), 120, np.uint8)
-    img[:] = _image(300, 300)
+    img = np.tile(_image(), (2, 2, 1))
     pyfastscan.scan_slide(ArraySlide(img), net, alpha=1, progress=False, roi_outputs=8)
     assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     with warnings.catch_warnings():

@@ -194,7 +194,7 @@ def test_slide_errors_name_the_file(tmp_path):
     bad.write_text("not a slide")
     with pytest.raises(SlideError, match="notes.svs"):
         open_slide(bad)
-    with pytest.raises(SlideError, match="--mpp"):
+    with pytest.raises(SlideError, match="--slide-mpp"):
         scan_slide(ArraySlide(_image(), mpp=None), _model(), progress=False)
     res = scan_slide(ArraySlide(_image(), mpp=None), _model(), mpp=0.5, progress=False)  # mpp stands in
     assert res.slide_mpp == 0.5
@@ -227,7 +227,10 @@ def test_cli_scans_several_slides_and_reports_failures(tmp_path):
 
     weights = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in tellez_cnn().state_dict().items()}, str(weights))
-    status = main(["scan", SVS, str(tmp_path / "missing.svs"), "--weights", str(weights), "--arch", "tellez_cnn",
+    import shutil
+
+    svs = shutil.copy(SVS, tmp_path / "cmu_small_region.svs")  # beside the other: OUT/<name> (issue 14)
+    status = main(["scan", str(svs), str(tmp_path / "missing.svs"), "--weights", str(weights), "--arch", "tellez_cnn",
                    "--mpp", "8.0", "--out", str(tmp_path / "out"), "--quiet", "--resume"])
     assert status == 1
     assert os.path.exists(tmp_path / "out" / "cmu_small_region" / "report.json")

@@ -10,6 +10,7 @@ import numpy as np
 from ..io import AnnotationError, rasterize, read_asap_xml
 from ..io.files import write_json
 from ..progress import Progress
+from ..validate import cli_type
 from .classification import roc_auc
 from .detection import detection_score, f1_curve
 from .files import prediction_files, read_labels, read_points, read_points_csv, scan_report
@@ -23,9 +24,10 @@ def add_parsers(sub) -> None:
     froc.add_argument("--pred", required=True, help="folder of NAME.csv or NAME/detections.csv (scan outputs)")
     froc.add_argument("--gt", required=True,
                       help="folder of NAME.xml (ASAP) or NAME_Mask.tif ground truth; slides without one are normal")
-    froc.add_argument("--level", type=int, default=5, help="evaluation mask level, downsample 2^level (default 5)")
-    froc.add_argument("--resolution", type=float, default=0.243,
-                      help="level-0 um/px used for the 75 um growth and the ITC size (the organisers' constant 0.243)")
+    froc.add_argument("--level", type=cli_type("level"), default=5, help="evaluation mask level, downsample 2^level (default 5)")
+    froc.add_argument("--resolution", type=cli_type("resolution"), default=None,
+                      help="level-0 um/px for the 75 um growth and the ITC size (default: each scan's slide_mpp "
+                           "from its report.json, else the organisers' constant 0.243)")
     froc.add_argument("--slides", default=None,
                       help="folder of the slides, for the sizes of slides whose predictions have no report.json")
     froc.add_argument("--reading", choices=("linear", "step"), default="linear",
@@ -42,10 +44,10 @@ def add_parsers(sub) -> None:
     f1.add_argument("--slide", default=None, help="slide (filename or uid) in a SlideRunner database")
     f1.add_argument("--class", dest="cls", default="Mitotic figure", help="class in a SlideRunner database")
     g = f1.add_mutually_exclusive_group()
-    g.add_argument("--radius-px", type=float, default=None, help="match radius in level-0 pixels (default 25)")
-    g.add_argument("--radius-um", type=float, default=None, help="match radius in um (needs --mpp)")
-    f1.add_argument("--mpp", type=float, default=None, help="level-0 um/px, for --radius-um")
-    f1.add_argument("--threshold", type=float, default=None,
+    g.add_argument("--radius-px", type=cli_type("radius_px"), default=None, help="match radius in level-0 pixels (default 25)")
+    g.add_argument("--radius-um", type=cli_type("radius_um"), default=None, help="match radius in um (needs --mpp)")
+    f1.add_argument("--mpp", type=cli_type("mpp"), default=None, help="level-0 um/px, for --radius-um")
+    f1.add_argument("--threshold", type=cli_type("f1_threshold"), default=None,
                     help="keep detections with probability >= this for the F1 line (default: all)")
     f1.add_argument("--json", default=None)
 
@@ -77,6 +79,21 @@ def _slide_size(name: str, csv_path: str, slides: Optional[str]) -> Tuple[int, i
                           "in report.json, otherwise pass --slides with the slide files")
 
 
+CAMELYON_MPP = 0.243  # the organisers' evaluation constant
+
+
+def _resolution(given: Optional[float], csv_path: str) -> float:
+    """Level-0 um/px for a slide's evaluation mask: ``--resolution`` if given, else the
+    slide_mpp its scan recorded in report.json, else the organisers' 0.243."""
+    if given is not None:
+        return given
+    report = scan_report(csv_path)
+    mpp = report.get("slide_mpp") if report else None
+    if isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and math.isfinite(mpp) and mpp > 0:
+        return float(mpp)
+    return CAMELYON_MPP
+
+
 def _ground_truth(gt: str, name: str, csv_path: str, args) -> Optional[np.ndarray]:
     """The boolean tumour mask at the evaluation level, or None for a normal slide."""
     d = 2 ** args.level
@@ -104,15 +121,17 @@ def _froc(args) -> int:
         raise AnnotationError(f"{args.pred}: no NAME.csv or NAME/detections.csv predictions")
     if not os.path.isdir(args.gt):
         raise AnnotationError(f"{args.gt}: no such folder")
-    slides, rows = [], []
+    slides, rows, resolutions = [], [], {}
     bar = Progress(len(preds), "FROC", unit="slides")
     for i, (name, path) in enumerate(preds.items()):
         xy, prob = read_points_csv(path)
         tumour = _ground_truth(args.gt, name, path, args)
         labels = itc = None
         if tumour is not None:
-            labels = evaluation_mask(tumour, args.resolution, args.level)
-            itc = itc_labels(labels, args.resolution, args.level)
+            res = _resolution(args.resolution, path)
+            resolutions[name] = res
+            labels = evaluation_mask(tumour, res, args.level)
+            itc = itc_labels(labels, res, args.level)
         s = slide_hits(name, prob, xy[:, 0], xy[:, 1], labels, itc or set(), args.level)
         slides.append(s)
         rows.append((name, "tumour" if tumour is not None else "normal", s.n_lesions, len(s.detections),
@@ -134,7 +153,7 @@ def _froc(args) -> int:
     result = {"froc": score, "reading": args.reading, f"froc_{other}": score_other, "rates": list(RATES),
               "sensitivity_at_rates": at.tolist(), "curve": {"fps_per_slide": fps.tolist(), "sensitivity": sens.tolist()},
               "slides": [dict(zip(("name", "ground_truth", "lesions", "hit", "false_positives"), r)) for r in rows],
-              "level": args.level, "resolution": args.resolution}
+              "level": args.level, "resolution": args.resolution, "resolution_per_slide": resolutions}
     if args.json:
         write_json(args.json, result, indent=2)
     plot = args.plot or os.path.join(os.path.dirname(args.json) or "." if args.json else ".", "froc.png")

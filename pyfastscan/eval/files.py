@@ -12,6 +12,7 @@ property); ASAP XML dots; a SlideRunner database (with the slide and class to re
 """
 import csv
 import json
+import math
 import os
 from typing import Dict, Optional, Tuple
 
@@ -77,9 +78,12 @@ def read_points(path: str, slide: Optional[str] = None, cls: Optional[str] = Non
     for a in anns:
         if a.kind != "points":
             continue
-        p = a.properties.get("probability", 1.0)
-        if isinstance(p, str) or p is None:
-            p = 1.0
+        p = a.properties.get("probability")
+        if p is None:
+            p = 1.0  # points without a probability all count
+        elif isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
+            raise AnnotationError(f"{path}: point {a.coords[0] if len(a.coords) else ''} has probability {p!r}, "
+                                  "not a finite number (a JSON number, not a string)")
         for x, y in a.coords:
             xy.append((x, y))
             prob.append(float(p))

@@ -39,7 +39,7 @@ class SlideRunnerDB:
                     raise AnnotationError(f"{self.path}: not a SlideRunner database (table {table} lacks "
                                           f"{', '.join(missing)})")
                 self._columns[table] = cols
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:  # a corrupt schema may not even be UTF-8
             raise AnnotationError(f"{self.path}: unreadable SQLite database ({exc})") from None
 
     def __enter__(self):
@@ -54,7 +54,7 @@ class SlideRunnerDB:
     def _query(self, sql: str, args=()):
         try:
             return self._db.execute(sql, args).fetchall()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             raise AnnotationError(f"{self.path}: {exc}") from None
 
     def _table(self, sql: str, what: str) -> Dict[int, str]:

@@ -30,6 +30,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..validate import check
 from ..ops.hotspot import HotspotStats, hotspot_stats, mitotic_grade
 from ..pipeline.scan import Detection, SlideRun, component_maxima, infer_rois, open_scan
 
@@ -146,13 +147,14 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
                    stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
                    map_threshold: float = 0.8, nms_um: float = 25.0, delta: float = 0.970,
                    theta: Sequence[float] = (6, 20), step_um: float = 8.0, workers: Optional[int] = None,
-                   progress: bool = True) -> MitosisResult:
+                   progress: bool = True, scan_mpp: Optional[float] = None, slide_mpp: Optional[float] = None,
+                   model_mpp: Optional[float] = None) -> MitosisResult:
     """Detect mitotic figures over a whole slide and report the hotspot and grade.
 
     Args:
-        slide, model, mpp, device, precision, plan, tissue_mask, tissue_labels,
-            roi_outputs, memory, positive_class, mode, patch, stride, normalize, batch_size,
-            workers, progress: as :func:`scan_slide`.
+        slide, model, mpp, scan_mpp, slide_mpp, model_mpp, device, precision, plan, tissue_mask,
+            tissue_labels, roi_outputs, memory, positive_class, mode, patch, stride, normalize,
+            batch_size, workers, progress: as :func:`scan_slide`.
             The default model is ``tellez_cnn`` (gamma 0.6) with trained weights.
         alpha: dense factor; 1 (default) gives the network's own stride (4 px for tellez_cnn).
         region_mask: optional region to count in (default: the tissue mask): a boolean
@@ -164,16 +166,19 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
         theta: grade thresholds on the circle's 95th percentile (6, 20).
         step_um: hotspot grid step.
     """
-    for name, v, lo, hi in (("map_threshold", map_threshold, 0, 1), ("delta", delta, 0, 1)):
-        if not lo <= v < hi:
-            raise InvalidArgumentError(f"{name} must be in [{lo}, {hi}), got {v!r}")
-    if not nms_um >= 0:
-        raise InvalidArgumentError(f"nms_um must be >= 0, got {nms_um!r}")
+    for name, v in (("map_threshold", map_threshold), ("delta", delta), ("nms_um", nms_um), ("step_um", step_um)):
+        check(name, v)
+    if len(theta) != 2:
+        raise InvalidArgumentError(f"theta must be (theta1, theta2), got {theta!r}")
+    theta = (check("theta1", theta[0]), check("theta2", theta[1]))
+    if theta[0] > theta[1]:
+        raise InvalidArgumentError(f"theta1 ({theta[0]:g}) must not exceed theta2 ({theta[1]:g})")
     with contextlib.ExitStack() as stack:
         job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
                         tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,
                         memory=memory, workers=workers, mode=mode, patch=patch, stride=stride, normalize=normalize,
-                        batch_size=batch_size, positive_class=positive_class, progress=progress)
+                        batch_size=batch_size, positive_class=positive_class, progress=progress, scan_mpp=scan_mpp,
+                        slide_mpp=slide_mpp, model_mpp=model_mpp)
         s, timings = job.slide, job.timings
         det = BandDetector(job.n_cols, map_threshold)
         band, band_row0 = None, -1

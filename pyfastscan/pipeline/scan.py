@@ -24,8 +24,9 @@ from torch import nn
 from ..dense import DenseModel
 from .readers import default_readers, max_read_ahead
 from ..progress import Progress
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ModelOutputError
 from ..slide.reader import Slide, open_slide
+from ..validate import check, check_optional
 from ..slide.tissue import TissueMask, otsu_tissue_mask, user_tissue_mask
 
 
@@ -78,29 +79,31 @@ class ScanResult(SlideRun):
         return save_result(self, folder, command, heatmap_dtype)
 
 
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InvalidArgumentError(f"{name} must be a positive int, got {v!r}")
-    return v
-
-
 def memory_budget(device) -> int:
     """Default bytes a scan may use for one ROI: half the free memory of a CUDA device; on
     the CPU a quarter of the available memory, at most 1 GiB (larger ROIs do not run
-    faster there: activations that stay in cache matter more than the halo they save)."""
+    faster there: activations that stay in cache matter more than the halo they save).
+    "Available" is the least of MemAvailable, the cgroup's limit minus its usage and
+    RLIMIT_AS minus the address space in use (see pipeline/memory.py)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(min(avail / 4, 1 << 30)) if avail else 1 << 30
+    from .memory import available_memory
+
+    avail = available_memory()
+    return int(min(avail / 4, 1 << 30)) if avail is not None else 1 << 30
+
+
+def _check_map_fits(name: str, n_rows: int, n_cols: int, scan_mpp: float) -> None:
+    """Refuse, before any work, a whole-slide map (float32) larger than the memory left."""
+    from ..slide.reader import SlideError
+    from .memory import available_memory
+
+    need, avail = n_rows * n_cols * 4, available_memory()
+    if avail is not None and need > avail:
+        raise SlideError(f"{name}: its map at {scan_mpp:g} um/px is {n_rows} x {n_cols} cells ({need / 2**30:.1f} GiB), "
+                         f"more than the {avail / 2**30:.1f} GiB of memory available; scan at a coarser resolution")
 
 
 def choose_roi_outputs(dense: DenseModel, budget: int, workers: int = 2, limit: int = 256) -> int:
@@ -213,11 +216,26 @@ class ScanJob:
         return info
 
 
+def resolve_scan_mpp(name: str, level0_mpp: float, scan_mpp: Optional[float], model_mpp: Optional[float]) -> float:
+    """The resolution to scan at: ``scan_mpp`` if given, else the model's own resolution
+    ``model_mpp`` (from its weights' metadata), else level 0. Warns when it differs from
+    ``model_mpp`` by more than 10%: the model then sees tissue at a scale it was not
+    trained on."""
+    import warnings
+
+    chosen = scan_mpp if scan_mpp is not None else model_mpp if model_mpp is not None else level0_mpp
+    if model_mpp is not None and abs(chosen / model_mpp - 1) > 0.1:
+        warnings.warn(f"{name}: scanning at {chosen:g} um/px, but the model was trained at {model_mpp:g} um/px "
+                      f"({chosen / model_mpp:.2f}x): expect worse results", UserWarning, stacklevel=3)
+    return float(chosen)
+
+
 def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: int, mpp: Optional[float], device,
               precision: str, plan: str, tissue_mask, tissue_labels, roi_outputs, memory: Optional[int],
-              workers: int, mode: str = "auto", patch: Optional[int] = None, stride: Optional[int] = None,
-              normalize=None, batch_size: Optional[int] = None, positive_class: Optional[int] = None,
-              progress: bool = False) -> ScanJob:
+              workers: Optional[int], mode: str = "auto", patch: Optional[int] = None,
+              stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
+              positive_class: Optional[int] = None, progress: bool = False, scan_mpp: Optional[float] = None,
+              slide_mpp: Optional[float] = None, model_mpp: Optional[float] = None) -> ScanJob:
     """Open ``slide`` (closed by ``stack`` if opened here), make the scanner (dense or
     patch mode, :func:`make_scanner`), find the tissue and plan the ROIs. Arguments as
     :func:`scan_slide`."""
@@ -226,24 +244,31 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
 
     timings = {"open": 0.0, "tissue": 0.0, "read_wait": 0.0, "infer": 0.0, "postprocess": 0.0}
     t0 = time.perf_counter()
+    for name, v in (("mpp", mpp), ("scan_mpp", scan_mpp), ("slide_mpp", slide_mpp), ("model_mpp", model_mpp)):
+        check_optional(name, v)
+    if mpp is not None:  # the old single option: the scan resolution, and level 0's where the slide has none
+        scan_mpp = mpp if scan_mpp is None else scan_mpp
+        slide_mpp = mpp if slide_mpp is None else slide_mpp
     opened = not isinstance(slide, Slide)
-    s = open_slide(slide, default_mpp=mpp) if opened else slide
+    s = open_slide(slide, default_mpp=slide_mpp) if opened else slide
     if opened:
         stack.callback(s.close)
     if roi_outputs != "auto":
-        _positive_int("roi_outputs", roi_outputs)
-    workers = default_readers() if workers is None else _positive_int("workers", workers)
+        check("roi_outputs", roi_outputs)
+    workers = default_readers() if workers is None else check("workers", workers)
+    check("alpha", alpha)
+    check_optional("memory", memory)
     budget = memory if memory is not None else memory_budget(device)
     precision, precision_reason = resolve_precision(precision, device)
     stack.enter_context(tf32_mode(device, precision == "tf32"))  # fp32 on CUDA is true fp32
     sc = make_scanner(model, mode=mode, alpha=alpha, plan=plan, precision="fp32" if precision == "tf32" else precision,
-                      normalize=normalize,
-                      patch=patch, stride=stride, batch_size=batch_size, positive_class=positive_class, memory=budget)
+                      normalize=normalize, patch=patch, stride=stride, batch_size=batch_size,
+                      positive_class=positive_class, memory=budget)
     if sc.note and progress:
         print(f"pyfastscan: {sc.note}", file=sys.stderr, flush=True)
-    if mpp is None and sc.card is not None and sc.card.mpp is not None:
-        mpp = sc.card.mpp  # the resolution the model was trained at
-    scan_mpp = float(mpp) if mpp is not None else s.mpp
+    if model_mpp is None and sc.card is not None:
+        model_mpp = sc.card.mpp  # the resolution the weights file says the model was trained at
+    scan_mpp = resolve_scan_mpp(s.name, s.mpp, scan_mpp, model_mpp)
     scan_ds = scan_mpp / s.mpp
     if scan_ds < 0.999:
         raise InvalidArgumentError(f"{s.name}: cannot scan at {scan_mpp} um/px, finer than level 0 ({s.mpp} um/px)")
@@ -257,6 +282,7 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     if n_rows == 0 or n_cols == 0:
         raise InvalidArgumentError(f"{s.name}: {scan_w} x {scan_h} px at {scan_mpp} um/px is smaller than one "
                                    f"patch ({g.patch} px)")
+    _check_map_fits(s.name, n_rows, n_cols, scan_mpp)
     timings["open"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -295,13 +321,25 @@ def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, 
         return (F.softmax(out, dim=1) if softmax else out)[0, positive_class]
 
     bar = Progress(len(todo), label, progress, unit="ROIs")
-    pipe = RoiPipeline(read, todo, run, device=device, in_dtype=dense.input_dtype,
-                       readers=workers or job.readers,
+    pipe = RoiPipeline(read, todo, run, device=device, in_dtype=dense.input_dtype, readers=workers or job.readers,
                        timings=job.timings)
     for done, (roi, block) in enumerate(pipe, start=1):
+        _check_finite(block, roi, s.name)
         block[~job.cells_on_tissue(roi)] = 0  # no-data, whatever the ROI size (DESIGN.md 6.2)
         yield roi, block
         bar.update(done)
+
+
+def _check_finite(block: np.ndarray, roi, name: str) -> None:
+    """Stop the slide at the first ROI whose map is not all finite: a NaN would be written
+    as probability 0 and an infinity as 1, and nothing would say the model is broken."""
+    if np.isfinite(block).all():
+        return
+    bad = np.argwhere(~np.isfinite(block))[0]
+    what = "/".join(w for w, f in (("NaN", np.isnan), ("Inf", np.isinf)) if f(block).any())
+    raise ModelOutputError(f"{name}: the model produced {what} in ROI (row {roi[0]}, col {roi[1]}) (first at map "
+                           f"cell ({roi[0] + bad[0]}, {roi[1] + bad[1]})): check the weights and the input "
+                           "normalisation")
 
 
 def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] = None, device="cpu",
@@ -309,7 +347,9 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
                stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
                tissue_mask=None, tissue_labels=None, roi_outputs="auto", memory: Optional[int] = None,
                positive_class: Optional[int] = None, threshold: float = 0.5, workers: Optional[int] = None,
-               checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True) -> ScanResult:
+               checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True,
+               scan_mpp: Optional[float] = None, slide_mpp: Optional[float] = None,
+               model_mpp: Optional[float] = None) -> ScanResult:
     """Whole-slide scan with any patch classifier: dense when it is padding-free, patch by
     patch otherwise, the same map either way (DESIGN.md 6.2).
 
@@ -321,9 +361,13 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
             scaled to [0, 1] (then ``normalize``); its output channels are logits (a
             softmax is applied) unless its last layer is a Softmax. Not modified.
         alpha: dense factor; the map's step is S_p / alpha pixels at the scan level.
-        mpp: scan resolution in um/px (default: the resolution the model's weights file
-            says it was trained at, else the slide's level 0). For a slide with no
-            resolution of its own, mpp is taken as its level-0 resolution.
+        mpp: deprecated, both ``scan_mpp`` and ``slide_mpp`` at once (what it meant before
+            they existed).
+        scan_mpp: the resolution to scan at, um/px (default: ``model_mpp``, else the
+            slide's level 0).
+        slide_mpp: level-0 um/px of a slide that has no resolution of its own.
+        model_mpp: the resolution the model was trained at (default: what its weights file
+            says); a scan resolution more than 10% away from it warns.
         device, plan: where and how the model runs (see to_dense).
         precision: "auto" (bf16 on an AMX CPU or a CUDA device of compute capability 8.0+,
             else fp32; see pyfastscan.precision), "fp32" (true fp32, also on CUDA), "tf32"
@@ -350,13 +394,14 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
             parameters (checked). Without resume, the checkpoint starts empty.
         progress: a progress line on stderr.
     """
-    if not 0 <= threshold < 1:
-        raise InvalidArgumentError(f"threshold must be in [0, 1), got {threshold!r}")
+    check("threshold", threshold)
+    check_optional("positive_class", positive_class)
     with contextlib.ExitStack() as stack:
         job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
                         tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,
                         memory=memory, workers=workers, mode=mode, patch=patch, stride=stride, normalize=normalize,
-                        batch_size=batch_size, positive_class=positive_class, progress=progress)
+                        batch_size=batch_size, positive_class=positive_class, progress=progress, scan_mpp=scan_mpp,
+                        slide_mpp=slide_mpp, model_mpp=model_mpp)
         s, rois, timings = job.slide, job.rois, job.timings
         heat = np.zeros((job.n_rows, job.n_cols), dtype=np.float32)  # pages never written stay unallocated
         log = None
@@ -412,6 +457,9 @@ def _plan_rois(g, n_rows: int, n_cols: int, L: int, tissue: TissueMask, scan_ds:
     return rois, math.ceil(n_rows / L) * math.ceil(n_cols / L)
 
 
+MAX_REGION_BYTES = 1 << 30  # the most one ROI may read from its level before resampling
+
+
 def _read_scan_region(s: Slide, x: int, y: int, w: int, h: int, scan_ds: float, level: int,
                       level_ds: float) -> np.ndarray:
     """RGB (h, w, 3) at the scan resolution: read from ``level`` and resampled only when
@@ -421,6 +469,12 @@ def _read_scan_region(s: Slide, x: int, y: int, w: int, h: int, scan_ds: float, 
     if abs(factor - 1) < 1e-3:
         return s.read(x0, y0, w, h, level)
     lw, lh = math.ceil(w * factor), math.ceil(h * factor)
+    if lw * lh * 4 > MAX_REGION_BYTES:
+        from ..slide.reader import SlideError
+
+        raise SlideError(f"{s.name}: no level of the slide is near the scan resolution: a {w} x {h} px ROI would "
+                         f"read {lw} x {lh} px of level {level} ({lw * lh * 4 / 2**30:.1f} GiB); scan at a finer "
+                         "resolution or give the slide a pyramid")
     img = torch.from_numpy(s.read(x0, y0, lw, lh, level)).permute(2, 0, 1)[None].float()
     img = F.interpolate(img, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     return img[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
