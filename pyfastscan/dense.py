@@ -145,7 +145,7 @@ def _flatten(model: nn.Module, normalize=None) -> List[_Layer]:
     leaves = list(_leaves(model))
     out: List[_Layer] = []
     if normalize is not None:
-        out.append(_Layer(Normalize(*normalize).double(), "pointwise"))  # float64: the exact values fold
+        out.append(_Layer(Normalize(*normalize, dtype=torch.float64), "pointwise"))  # float64: the exact values fold
     channels: Optional[int] = None
     head_started = False
     for i, m in enumerate(leaves):
@@ -314,7 +314,24 @@ class _Norm:
                      tuple(s1 * s2 for s1, s2 in zip(self.std, std)))
 
 
-_BATCH, _SHAPE = "batch size", "shape"  # values of x.size(0) and x.shape
+_BATCH = "batch size"  # the value of x.size(0)
+
+
+@dataclass(frozen=True)
+class _ShapeOf:
+    """The value of x.shape or x.size()."""
+
+    node: fx.Node
+
+
+@dataclass(frozen=True)
+class _Size:
+    """size(node, axis) + k: a spatial size read in forward, for crops computed from sizes
+    (x[..., d:d + y.shape[-2], ...]); resolved to constants at conversion."""
+
+    node: fx.Node
+    axis: int
+    k: int = 0
 
 _POINTWISE_FNS = {F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu,
                   F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid,
@@ -329,6 +346,7 @@ _DROPOUT_FNS = {F.dropout, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout
 _GLOBAL_FNS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.mean, torch.sum, torch.amax, torch.amin,
                torch.max, torch.min}
 _GLOBAL_METHODS = {"mean", "sum", "amax", "amin", "max", "min"}
+_SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg}
 _CAT_FNS = {torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)}
 _MAX_POOL_ARGS = (("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1), ("ceil_mode", False),
                   ("return_indices", False))
@@ -480,12 +498,12 @@ class _GraphConverter:
         if isinstance(v, _Norm):
             if n not in self.materialised:
                 name = self._unique("normalize")
-                self.root.add_module(name, Normalize(v.mean, v.std).double())
+                self.root.add_module(name, Normalize(v.mean, v.std, dtype=torch.float64))
                 new = self.graph.call_module(name, (v.src,))
                 self.materialised[n] = new
                 self.info[new] = self.info[v.src]
             return self.materialised[n]
-        if isinstance(v, str):  # _BATCH or _SHAPE
+        if isinstance(v, (str, _ShapeOf, _Size)):
             raise InvalidArgumentError(f"{_describe(n)} reads a tensor's size and passes it on: the dense model runs "
                                        "on larger inputs than the patch, so crops must be constants "
                                        "(x[..., a:-b, a:-b]) and reshapes x.flatten(1)")
@@ -619,10 +637,13 @@ class _GraphConverter:
         if fn is operator.getitem:
             return self._getitem(node, x, node.args[1], where)
         if fn is getattr and node.args[1] == "shape" or method and fn == "size":
-            if method and len(node.args) > 1:  # x.size(dim)
-                return self._size_index(node, node.args[1], where)
-            self.env[node] = _SHAPE
+            if method and (len(node.args) > 1 or "dim" in node.kwargs):  # x.size(dim)
+                return self._size_index(node, x, node.args[1] if len(node.args) > 1 else node.kwargs["dim"], where)
+            self._map(x, node)
+            self.env[node] = _ShapeOf(x)
             return
+        if fn in _SIZE_ARITHMETIC and not any(isinstance(a, fx.Node) and a in self.lat for a in node.args):
+            return self._arithmetic(node, where)
         if (fn in _CAT_FNS) and not method:
             return self._cat(node, where)
         if fn in _BINARY_FNS or (method and fn in _BINARY_METHODS):
@@ -675,15 +696,72 @@ class _GraphConverter:
                                    "convolutions, pooling, elementwise ops, crops x[..., a:-b, a:-b], additions, "
                                    "torch.cat over channels and Flatten + Linear heads")
 
-    def _size_index(self, node, dim, where) -> None:
-        if dim != 0:
-            raise InvalidArgumentError(f"{where} reads the size of axis {dim}: the dense model runs on larger "
-                                       "inputs than the patch, so crops must be constants (x[..., a:-b, a:-b])")
-        self.env[node] = _BATCH
+    def _size_index(self, node, x, dim, where) -> None:
+        lat = self._map(x, node)
+        if not isinstance(dim, int):
+            raise InvalidArgumentError(f"{where} reads the sizes {dim!r}; only one axis at a time is supported")
+        axis = dim % (2 if lat.flat else 4)
+        if axis == 0:
+            self.env[node] = _BATCH
+        elif axis == 1 and lat.ch is not None:
+            self.env[node] = lat.ch
+        elif axis >= 2:
+            self.env[node] = _Size(x, axis)
+        else:
+            raise InvalidArgumentError(f"{where} reads the channel count of a map whose channels are unknown")
+
+    def _gap(self, t1: fx.Node, t2: fx.Node, where: str) -> int:
+        """size(t1) - size(t2) along an axis, when it is the same for every input size."""
+        l1, l2 = self.lat[t1], self.lat[t2]
+        if l1.c != l2.c or (l2.extent - l1.extent) % l1.c:
+            raise InvalidArgumentError(f"{where} computes a crop from the sizes of maps whose sizes do not differ by "
+                                       f"a constant (strides {l1.c} and {l2.c}); crop by constants "
+                                       "(x[..., a:-b, a:-b])")
+        return (l2.extent - l1.extent) // l1.c
+
+    def _arithmetic(self, node, where) -> None:
+        """Integer arithmetic on sizes read in forward: constants, or size + constant."""
+        fn = node.target
+        vals = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args]
+        sizes = [isinstance(v, _Size) for v in vals]
+        if not any(sizes) and all(isinstance(v, int) for v in vals):
+            self.env[node] = fn(*vals)
+            return
+        if len(vals) == 2 and all(isinstance(v, (int, _Size)) for v in vals):
+            a, b = vals
+            if fn in (operator.add, operator.sub) and isinstance(a, _Size) and isinstance(b, int):
+                self.env[node] = _Size(a.node, a.axis, a.k + (b if fn is operator.add else -b))
+                return
+            if fn is operator.add and isinstance(a, int) and isinstance(b, _Size):
+                self.env[node] = _Size(b.node, b.axis, b.k + a)
+                return
+            if fn is operator.sub and isinstance(a, _Size) and isinstance(b, _Size) and a.axis == b.axis:
+                self.env[node] = self._gap(a.node, b.node, where) + a.k - b.k
+                return
+        raise InvalidArgumentError(f"{where} computes {fn.__name__} of sizes {vals}: crops may use constants and "
+                                   "sizes plus constants (x[..., d:d + y.shape[-2], ...]) only")
+
+    def _bounds(self, x, e: slice, axis: int, where: str) -> Tuple[int, int, int]:
+        """(a, b, t) of a spatial slice of map x: keep positions a, a + t, ... up to b before the end."""
+        def value(v):
+            return self.env[v] if isinstance(v, fx.Node) else v
+
+        start, stop, step = value(e.start), value(e.stop), value(e.step)
+        if isinstance(stop, _Size):
+            if stop.axis != axis:
+                raise InvalidArgumentError(f"{where} slices axis {axis} up to a size of axis {stop.axis}")
+            stop = stop.k - self._gap(x, stop.node, where) or None  # size(x) - gap + k, from the end
+        a, t = start if start is not None else 0, step if step is not None else 1
+        if not (isinstance(a, int) and isinstance(t, int) and (stop is None or isinstance(stop, int))) \
+                or a < 0 or t < 1 or (stop is not None and stop >= 0):
+            raise InvalidArgumentError(
+                f"{where} slices the spatial axes with {e}: a crop must keep the positions from a to b before "
+                "the end (x[..., a:-b] or x[..., a:], a >= 0, step >= 1), whatever the map's size")
+        return a, 0 if stop is None else -stop, t
 
     def _getitem(self, node, x, idx, where) -> None:
-        if self.env.get(x) is _SHAPE:
-            return self._size_index(node, idx, where)
+        if isinstance(self.env.get(x), _ShapeOf):
+            return self._size_index(node, self.env[x].node, idx, where)
         lat = self._map(x, node)
         if lat.flat:
             raise InvalidArgumentError(f"{where} indexes a flattened map; only crops of feature maps are supported")
@@ -696,18 +774,14 @@ class _GraphConverter:
             raise InvalidArgumentError(f"{where} indexes with {idx!r}: only slices of channels and of the two "
                                        "spatial axes (crops x[..., a:-b, a:-b]) are supported")
         _, chan, rows, cols = entries
-        if any(isinstance(v, fx.Node) for e in entries for v in (e.start, e.stop, e.step)):
-            raise InvalidArgumentError(f"{where}: slice bounds computed from a tensor's size; crop by constants "
-                                       "(x[..., a:-b, a:-b]) so that the crop is the same on every input size")
-        if rows != cols:
+        if any(isinstance(v, fx.Node) for v in (chan.start, chan.stop, chan.step)):
+            chan = slice(*(self.env[v] if isinstance(v, fx.Node) else v for v in (chan.start, chan.stop, chan.step)))
+            if not all(v is None or isinstance(v, int) for v in (chan.start, chan.stop, chan.step)):
+                raise InvalidArgumentError(f"{where} slices channels by sizes {chan}; use constants")
+        a, b, t = self._bounds(x, rows, 2, where)
+        if (a, b, t) != self._bounds(x, cols, 3, where):
             raise InvalidArgumentError(f"{where} crops rows {rows} and columns {cols} differently; only square "
                                        "crops are supported")
-        a, stop, t = rows.start or 0, rows.stop, rows.step or 1
-        if a < 0 or t < 1 or (stop is not None and stop >= 0):
-            raise InvalidArgumentError(
-                f"{where} slices the spatial axes with {rows}: a crop must keep the positions from a to b before "
-                "the end (x[..., a:-b] or x[..., a:], a >= 0, step >= 1), whatever the map's size")
-        b = 0 if stop is None else -stop
         ch = len(range(lat.ch)[chan]) if lat.ch is not None else None
         sig_in = math.gcd(lat.c, self.delta)
         c = lat.c * t
@@ -868,8 +942,9 @@ class DenseModel(nn.Module):
         return torch.float32 if param is None or self.precision == "bf16" else param.dtype
 
     def _walk(self, side: int):
-        """(module, output side, output channels) of every layer for a side x side input, after the padding forward adds to reach whole groups; first the input itself
-        as (None, padded side, input channels)."""
+        """(module, output side, output channels) of every layer for a side x side input, after
+        the padding forward adds to reach whole groups; first the input itself as (None, padded
+        side, input channels)."""
         g = self.geometry
         out = g.output_side(side)
         whole = -(-out // self.group) * self.group
@@ -935,8 +1010,11 @@ def _spatial(layer: _Layer, stride: int, dilation: int) -> nn.Module:
 def _anchor(layer: _Layer, s_a: int, d_a: int, dilation: int, pos: int) -> nn.Module:
     if layer.kind == "conv":
         if layer.module.groups != 1:
+            if d_a == 1 or s_a == d_a:  # an ordinary strided (d_a = 1) or dilated (s_a = d_a) convolution
+                return _spatial(layer, s_a if d_a == 1 else 1, dilation)
             raise InvalidArgumentError(f"plan='paper' turns layer {pos} (groups={layer.module.groups}) into an "
-                                       "AnchConv2d, which has groups=1 only; use plan='minimal'")
+                                       f"AnchConv2d with anchor stride {s_a} and operating distance {d_a}, which "
+                                       "has groups=1 only; use plan='minimal'")
         return AnchConv2d.from_conv(layer.module, anchor_stride=s_a, operating_distance=d_a, dilation=dilation)
     return AnchPool2d(layer.kernel, anchor_stride=s_a, operating_distance=d_a, dilation=dilation, mode=layer.kind)
 

@@ -1,6 +1,6 @@
 """Normalize: per-channel (x - mean) / std, a layer :func:`pyfastscan.to_dense` folds exactly."""
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -34,11 +34,12 @@ class Normalize(nn.Module):
         tensor([2., 2., 2.])
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], dtype: Optional[torch.dtype] = None):
         super().__init__()
         mean, std = check_mean_std(mean, std)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.get_default_dtype()))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.get_default_dtype()))
+        dtype = dtype or torch.get_default_dtype()  # float64 keeps the given values exactly
+        self.register_buffer("mean", torch.tensor(mean, dtype=dtype))
+        self.register_buffer("std", torch.tensor(std, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
