@@ -145,6 +145,8 @@ def run_bench(model: nn.Module, *, alpha: int, device="cpu", roi_outputs: int = 
             if patch_ is None or stride_ is None:
                 raise InvalidArgumentError(f"the model is not dense-convertible ({dense_reason}); patch mode needs "
                                            "--patch and --stride")
+            if stride_ % alpha:
+                raise InvalidArgumentError(f"alpha must divide the stride {stride_}, got {alpha}")
             step = stride_ // alpha
         pm = PatchModel(model, patch_, step, precision=prec)
         rows.append(dict(mode="patch", precision=prec, **cell_throughput(pm, patch_roi_outputs, device, repeats)))
@@ -186,12 +188,18 @@ def main(args) -> int:
     from .models import create
 
     try:
-        if args.weights:
-            from .cli import _load_cli_model
+        from .cli import _arch_kwargs, _load_cli_model
 
+        if args.weights:
             model = _load_cli_model(args)
-        else:
-            model = create(args.arch or "vgg16_fcn", **(json.loads(args.arch_kwargs) if args.arch_kwargs else {}))
+        else:  # random weights (speed does not depend on them), the architecture's registered grid
+            from .models import get_entry
+            from .models.files import CARD_ATTR, ModelCard
+
+            arch = args.arch or "vgg16_fcn"
+            model = create(arch, **(_arch_kwargs(args) or {}))
+            entry = get_entry(arch)
+            setattr(model, CARD_ATTR, ModelCard(arch, patch=entry.patch, stride=entry.stride))
         result = run_bench(model, alpha=args.alpha, device=args.device, roi_outputs=args.roi_outputs,
                            patch=args.patch, stride=args.stride, precisions=args.precision or None, slide=args.slide,
                            repeats=args.repeats)

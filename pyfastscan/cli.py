@@ -28,6 +28,19 @@ def _warn_line(message, category, filename, lineno, file=None, line=None):
     print(f"pyfastscan: warning: {message}", file=sys.stderr if file is None else file)
 
 
+def _arch_kwargs(args):
+    """--arch-kwargs (a JSON object) with --num-classes added, or None when neither is given."""
+    try:
+        kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else None
+    except ValueError as exc:
+        raise ValueError(f"--arch-kwargs is not JSON ({exc}): {args.arch_kwargs!r}") from None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"--arch-kwargs must be a JSON object, got {args.arch_kwargs!r}")
+    if args.num_classes is not None:
+        kwargs = dict(kwargs or {}, num_classes=args.num_classes)
+    return kwargs
+
+
 def _load_cli_model(args):
     """The classifier from --weights: its architecture, classes, resolution, normalisation and
     patch grid from the file's metadata; --arch, --arch-kwargs, --num-classes,
@@ -36,12 +49,9 @@ def _load_cli_model(args):
     from .models import load_model
     from .models.files import CARD_ATTR, card_of, override_card
 
-    kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else None
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise ValueError(f"--arch-kwargs must be a JSON object, got {args.arch_kwargs!r}")
-    if args.num_classes is not None:
-        kwargs = dict(kwargs or {}, num_classes=args.num_classes)
     from .models.files import read_card
+
+    kwargs = _arch_kwargs(args)
 
     file_card = read_card(args.weights)
     arch = args.arch
@@ -52,8 +62,8 @@ def _load_cli_model(args):
     if file_card is not None and arch in (None, file_card.arch) and kwargs is not None:
         kwargs = dict(file_card.arch_kwargs, **kwargs)  # options add to the file's arguments
     model = load_model(args.weights, arch=arch, arch_kwargs=kwargs)
-    card = override_card(card_of(model), "--option", positive_class=args.positive_class, patch=args.patch,
-                         stride=args.stride)
+    card = override_card(card_of(model), "--option", positive_class=getattr(args, "positive_class", None),
+                         patch=getattr(args, "patch", None), stride=getattr(args, "stride", None))
     setattr(model, CARD_ATTR, card)
     return model
 
@@ -257,8 +267,8 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
     return p
 
 
-def _model_options(p, alpha: int, arch_help: str = "", weights_required: bool = True) -> None:
-    """The options that say which model a weights file holds and how to scan it."""
+def _model_options(p, alpha: int, arch_help: str = "", weights_required: bool = True, scan: bool = True) -> None:
+    """The options that say which model a weights file holds and (``scan``) how to scan it."""
     p.add_argument("--weights", required=weights_required,
                    help=".safetensors from pyfastscan.save_model (says everything else), a bare state dict or a "
                         "PyTorch checkpoint (then --arch)")
@@ -268,12 +278,14 @@ def _model_options(p, alpha: int, arch_help: str = "", weights_required: bool = 
     p.add_argument("--arch-kwargs", default=None, metavar="JSON", help='architecture arguments, e.g. \'{"width": 0.5}\'')
     p.add_argument("--num-classes", type=cli_type("num_classes"), default=None,
                    help="shorthand for --arch-kwargs num_classes")
+    p.add_argument("--alpha", type=cli_type("alpha"), default=alpha, help=f"dense factor (map step = stride / alpha; default {alpha})")
+    if not scan:
+        return
     p.add_argument("--positive-class", type=cli_type("positive_class"), default=None,
                    help="output channel the map shows (default: the weights file's, else 1)")
     p.add_argument("--patch", type=cli_type("patch"), default=None, help="patch mode: patch side in px (default: the file's)")
     p.add_argument("--stride", type=cli_type("stride"), default=None,
                    help="patch mode: grid stride at alpha 1 in px (default: the file's); the step is stride / alpha")
-    p.add_argument("--alpha", type=cli_type("alpha"), default=alpha, help=f"dense factor (map step = stride / alpha; default {alpha})")
 
 
 def _models(args) -> int:
@@ -372,7 +384,7 @@ def main(argv=None) -> int:
     bench.add_argument("--repeats", type=cli_type("repeats"), default=3, help="timed calls per scanner (3; the median is reported)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     exp = sub.add_parser("export", help="write the dense model for a fixed ROI size as ONNX")
-    _model_options(exp, 1)
+    _model_options(exp, 1, scan=False)
     exp.add_argument("--roi-outputs", type=cli_type("roi_outputs"), required=True, help="L_m': map cells per ROI side")
     exp.add_argument("--plan", choices=("minimal", "paper"), default="minimal", help="conversion plan (minimal)")
     exp.add_argument("output", metavar="OUT.onnx")

@@ -213,3 +213,32 @@ def test_scan_leaves_the_callers_model_as_it_was():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pyfastscan.scan_slide(ArraySlide(img), net.eval(), alpha=1, progress=False, roi_outputs=8)
+
+
+def test_cards_fill_the_registered_grid_and_refuse_clashing_metadata(tmp_path):
+    from pyfastscan.models import resnet18
+
+    net = resnet18(num_classes=2, width=4)
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(bare))
+    card = load_model(bare, arch="resnet18", arch_kwargs={"width": 4}).pyfastscan_card
+    assert (card.patch, card.stride, card.mpp) == (224, 32, None)  # the registered grid, no guessed resolution
+    kw = dict(arch="resnet18", arch_kwargs={"width": 4}, classes=["a", "b"], positive_class=1, mpp=0.5)
+    assert save_model(net, tmp_path / "p.safetensors", patch=96, **kw).stride == 32  # each default on its own
+    with pytest.raises(InvalidArgumentError, match="may not start with 'pyfastscan.'"):
+        save_model(net, tmp_path / "x.safetensors", extra={"pyfastscan.note": "x"}, **kw)
+    card = save_model(tellez_cnn(gamma=0.125), tmp_path / "t.safetensors", arch="tellez_cnn",
+                      arch_kwargs={"gamma": 0.125}, classes=("a", "b"), positive_class=1, mpp=0.25,
+                      extra={"note": "kept"})
+    assert read_card(tmp_path / "t.safetensors") == card
+
+
+def test_positive_class_beyond_the_outputs_is_a_clear_error():
+    from test_scan import ArraySlide, _image, _model
+
+    with pytest.raises(InvalidArgumentError, match="positive_class is 5, but the model has 2 output"):
+        pyfastscan.scan_slide(ArraySlide(_image()), _model(), alpha=1, positive_class=5, progress=False)
+    net = tellez_cnn(gamma=0.125)
+    net.pyfastscan_card = ModelCard("tellez_cnn", {"gamma": 0.125}, ("a", "b"), 1)
+    with pytest.raises(InvalidArgumentError, match="positive_class 2 is not one of the 2 classes"):
+        pyfastscan.scan_slide(ArraySlide(_image()), net, alpha=1, positive_class=2, progress=False)

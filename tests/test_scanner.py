@@ -80,3 +80,24 @@ def test_padded_resnet_in_patch_mode_equals_the_literal_patch_loop():
     bound = 2 * _first_order_bound(net, crops).sum(1).reshape(ny, nx).numpy() / 4
     store = 2.0 ** -24 * np.abs(loop) + 2 * gamma(6, torch.float64) * np.abs(loop)
     assert np.all(np.abs(res.heatmap.astype(np.float64) - loop) <= bound + store)
+
+
+def test_pipeline_keeps_inference_mode_inside_and_stops_early():
+    from pyfastscan.pipeline.readers import RoiPipeline
+
+    reads = []
+
+    def read(roi):
+        reads.append(roi)
+        return np.full((8, 8, 3), roi, np.uint8)
+
+    pipe = RoiPipeline(read, range(40), lambda x: x[0, 0] * 2, device="cpu", in_dtype=torch.float32, readers=2)
+    it = iter(pipe)
+    roi, block = next(it)
+    assert roi == 0 and not torch.is_inference_mode_enabled()  # the caller's mode is its own
+    assert np.allclose(block, 0)
+    roi, block = next(it)
+    assert roi == 1 and np.allclose(block, 2 / 255)
+    it.close()  # the consumer stops: queued reads are cancelled, not all 40 read
+    assert len(reads) < 40
+    assert pipe.ring.allocated <= pipe.max_depth + 1  # buffers bounded by the read-ahead

@@ -238,23 +238,32 @@ def save_model(model: nn.Module, path, *, arch: str, arch_kwargs: Optional[dict]
         mpp = _positive_float(mpp)
     except (TypeError, ValueError):
         raise InvalidArgumentError(f"mpp must be a positive number (um/px), got {mpp!r}") from None
-    if patch is None and stride is None:
-        patch, stride = entry.patch, entry.stride
-        if patch is None:
+    if patch is None or stride is None:  # each one not given: the registry's, else the layers' geometry
+        default_patch, default_stride = entry.patch, entry.stride
+        if default_patch is None:
             from ..dense import geometry
 
             try:
                 g = geometry(model)
-                patch, stride = g.patch, g.stride
+                default_patch, default_stride = g.patch, g.stride
             except InvalidArgumentError:
                 pass  # not padding-free: patch mode will need --patch / --stride
+        patch = default_patch if patch is None else patch
+        stride = default_stride if stride is None else stride
     for label, v in (("patch", patch), ("stride", stride)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise InvalidArgumentError(f"{label} must be a positive int, got {v!r}")
+    extra = {str(k): str(v) for k, v in (extra or {}).items()}
+    clash = [k for k in extra if k.startswith(PREFIX)]
+    if clash:
+        raise InvalidArgumentError(f"extra metadata keys may not start with {PREFIX!r} (the card's own): {clash}")
+    try:
+        arch_kwargs = json.loads(json.dumps(arch_kwargs))  # what the file will hold, tuples as lists
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"arch_kwargs must be JSON values: {exc}") from None
     card = ModelCard(arch, arch_kwargs, classes, positive_class, mpp, check_normalize(normalize), patch, stride,
-                     __version__, {str(k): str(v) for k, v in (extra or {}).items()})
+                     __version__, extra)
     meta = card.to_metadata()
-    json.dumps(arch_kwargs)  # fails early on arguments a file cannot hold
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     from safetensors.torch import save_file
 
@@ -285,8 +294,9 @@ def load_model(path, *, arch: Optional[str] = None, arch_kwargs: Optional[dict] 
     if arch is None and card is None:
         raise WeightsError(f"{path} does not say which architecture it holds (no {PREFIX}arch metadata): "
                            "pass arch= (CLI: --arch NAME; `pyfastscan models` lists them)")
-    if card is None:
-        card = ModelCard(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
+    if card is None:  # a bare file: the patch grid the architecture is registered with, nothing else
+        entry = get_entry(arch)
+        card = ModelCard(arch=arch, arch_kwargs=dict(arch_kwargs or {}), patch=entry.patch, stride=entry.stride)
     elif arch is not None and arch != card.arch:
         warnings.warn(f"{path}: arch {arch!r} overrides the file's {card.arch!r}", stacklevel=2)
         card = replace(card, arch=arch, arch_kwargs=dict(arch_kwargs or {}))

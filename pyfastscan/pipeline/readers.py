@@ -116,8 +116,8 @@ class RoiPipeline:
         if not self.todo:
             return
         timings = self.timings
-        with ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="pyfastscan-reader") as pool, \
-                torch.inference_mode():
+        pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="pyfastscan-reader")
+        try:
             it = iter(self.todo)
             pending = deque()
 
@@ -142,10 +142,13 @@ class RoiPipeline:
                 timings["read_wait"] += time.perf_counter() - t
                 fill()
                 t = time.perf_counter()
-                block = self.run(buf).float().numpy()
+                with torch.inference_mode():  # only around the model: never across a yield
+                    block = self.run(buf).float().numpy()
                 timings["infer"] += time.perf_counter() - t
                 self.ring.give(buf)
                 yield roi, block
+        finally:  # a failing ROI or a consumer that stops early: queued reads are dropped, not waited for
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _cuda_loop(self, pending, fill):
         """Copy on its own stream, compute on the current one, results one ROI behind."""
@@ -175,14 +178,15 @@ class RoiPipeline:
             timings["read_wait"] += time.perf_counter() - t
             fill()
             t = time.perf_counter()
-            with torch.cuda.stream(copy_stream):
-                dev = buf.to(self.device, non_blocking=True)
-            compute.wait_stream(copy_stream)
-            dev.record_stream(compute)
-            x = dev.permute(2, 0, 1)[None].to(self.in_dtype).div_(255)
-            out = self.run(x).float()
-            host = host_out.take(tuple(out.shape))
-            host.copy_(out, non_blocking=True)
+            with torch.inference_mode():
+                with torch.cuda.stream(copy_stream):
+                    dev = buf.to(self.device, non_blocking=True)
+                compute.wait_stream(copy_stream)
+                dev.record_stream(compute)
+                x = dev.permute(2, 0, 1)[None].to(self.in_dtype).div_(255)
+                out = self.run(x).float()
+                host = host_out.take(tuple(out.shape))
+                host.copy_(out, non_blocking=True)
             done = torch.cuda.Event()
             done.record(compute)
             inflight.append((roi, host, done, buf))

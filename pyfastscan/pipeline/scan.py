@@ -318,6 +318,9 @@ def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, 
 
     def run(x):
         out = dense(x)
+        if positive_class >= out.shape[1]:
+            raise InvalidArgumentError(f"positive_class is {positive_class}, but the model has {out.shape[1]} output "
+                                       f"channel(s) (0 .. {out.shape[1] - 1})")
         return (F.softmax(out, dim=1) if softmax else out)[0, positive_class]
 
     bar = Progress(len(todo), label, progress, unit="ROIs")

@@ -83,17 +83,26 @@ def make_scanner(model: nn.Module, *, mode: str = "auto", alpha: int = 1, plan: 
         if mode not in ("auto", kind):
             raise InvalidArgumentError(f"mode={mode!r} conflicts with the {type(model).__name__} given")
         return Scanner(model, kind, card, pos)
+    if card is not None and card.classes and pos >= len(card.classes):
+        raise InvalidArgumentError(f"positive_class {pos} is not one of the {len(card.classes)} classes "
+                                   f"{list(card.classes)}")
     normalize = check_normalize(normalize if normalize is not None else (card.normalize if card else None))
     net = copy.deepcopy(model).eval() if model.training else model
     reason = None
     if mode in ("auto", "dense"):
         try:
             dense = to_dense(net, alpha, plan=plan, precision=precision, normalize=normalize)
-            return Scanner(dense, "dense", card, pos)
         except InvalidArgumentError as exc:
             if mode == "dense":
                 raise
             reason = str(exc)
+        else:
+            g = dense.geometry
+            if (patch is not None and patch != g.patch) or (stride is not None and stride != g.stride):
+                raise InvalidArgumentError(f"patch={patch}, stride={stride} contradict the network's own geometry "
+                                           f"(patch {g.patch}, stride {g.stride}) in dense mode; use mode='patch' "
+                                           "to scan another grid")
+            return Scanner(dense, "dense", card, pos)
     patch = patch if patch is not None else (card.patch if card else None)
     stride = stride if stride is not None else (card.stride if card else None)
     if patch is None or stride is None:
