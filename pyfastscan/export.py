@@ -23,6 +23,7 @@ import os
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .dense import DenseModel, to_dense
@@ -74,35 +75,65 @@ def _anchor_stride(m, pos: int) -> int:
         f"plan=\"minimal\" (same map, standard strided and dilated layers only)")
 
 
-def _standard_layers(dense: DenseModel) -> nn.Sequential:
-    """float32 copies of the dense model's layers, each a standard-operator module."""
+class _DilatedAvgPool2d(nn.Module):
+    """avg_pool2d with a dilation: the mean of the K*K taps as a depthwise Conv with weights
+    1/K^2 (the channel count is read from the input, for graphs whose channels are not
+    tracked here)."""
+
+    def __init__(self, kernel: int, stride: int, dilation: int):
+        super().__init__()
+        self.kernel, self.stride, self.dilation = kernel, stride, dilation
+
+    def forward(self, x):
+        c, k = x.shape[1], self.kernel
+        w = torch.full((c, 1, k, k), 1.0 / (k * k), dtype=x.dtype, device=x.device)
+        return F.conv2d(x, w, None, self.stride, 0, self.dilation, c)
+
+
+def _standard_module(m: nn.Module, where, channels: Optional[int]) -> Optional[nn.Module]:
+    """The standard-operator module that replaces ``m`` (None: keep ``m``)."""
+    if isinstance(m, AnchConv2d):
+        o, c, k = m.weight.shape[0], m.weight.shape[1], m.weight.shape[-1]
+        conv = nn.Conv2d(c, o, k, _anchor_stride(m, where), dilation=_first(m.dilation), bias=m.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(m.weight.float())
+            if m.bias is not None:
+                conv.bias.copy_(m.bias.float())
+        return conv
+    if isinstance(m, AnchPool2d):
+        k, s, d = _first(m.kernel_size), _anchor_stride(m, where), _first(m.dilation)
+        if m.mode == "max":
+            return nn.MaxPool2d(k, s) if d == 1 else _DilatedMaxPool2d(k, s, d)
+        if d == 1:
+            return nn.AvgPool2d(k, s)
+        if channels is None:
+            return _DilatedAvgPool2d(k, s, d)
+        conv = nn.Conv2d(channels, channels, k, s, dilation=d, groups=channels, bias=False)
+        with torch.no_grad():
+            conv.weight.fill_(1.0 / (k * k))
+        return conv
+    if isinstance(m, nn.MaxPool2d) and _first(m.dilation) != 1:
+        return _DilatedMaxPool2d(_first(m.kernel_size), _first(m.stride), _first(m.dilation))
+    return None
+
+
+def _standard_layers(dense: DenseModel) -> nn.Module:
+    """float32 copies of the dense model's layers, each a standard-operator module: a chain
+    layer by layer; a graph (torch.fx GraphModule) with its submodules replaced in place."""
+    if not isinstance(dense.layers, nn.Sequential):
+        gm = copy.deepcopy(dense.layers).float()
+        for name, m in list(gm.named_modules()):
+            new = _standard_module(m, name, None)
+            if new is not None:
+                parent, _, leaf = name.rpartition(".")
+                setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+        return gm.requires_grad_(False).eval()
     out: List[nn.Module] = []
     first = next((m for m in dense.layers if isinstance(m, (nn.Conv2d, AnchConv2d))), None)
     channels = first.weight.shape[1] if first is not None else 3
     for pos, m in enumerate(dense.layers):
-        if isinstance(m, AnchConv2d):
-            o, c, k = m.weight.shape[0], m.weight.shape[1], m.weight.shape[-1]
-            conv = nn.Conv2d(c, o, k, _anchor_stride(m, pos), dilation=_first(m.dilation), bias=m.bias is not None)
-            with torch.no_grad():
-                conv.weight.copy_(m.weight.float())
-                if m.bias is not None:
-                    conv.bias.copy_(m.bias.float())
-            out.append(conv)
-        elif isinstance(m, AnchPool2d):
-            k, s, d = _first(m.kernel_size), _anchor_stride(m, pos), _first(m.dilation)
-            if m.mode == "max":
-                out.append(nn.MaxPool2d(k, s) if d == 1 else _DilatedMaxPool2d(k, s, d))
-            elif d == 1:
-                out.append(nn.AvgPool2d(k, s))
-            else:  # the mean of the K*K taps as a depthwise convolution
-                conv = nn.Conv2d(channels, channels, k, s, dilation=d, groups=channels, bias=False)
-                with torch.no_grad():
-                    conv.weight.fill_(1.0 / (k * k))
-                out.append(conv)
-        elif isinstance(m, nn.MaxPool2d) and _first(m.dilation) != 1:
-            out.append(_DilatedMaxPool2d(_first(m.kernel_size), _first(m.stride), _first(m.dilation)))
-        else:
-            out.append(copy.deepcopy(m).float())
+        new = _standard_module(m, pos, channels)
+        out.append(new if new is not None else copy.deepcopy(m).float())
         if isinstance(m, (nn.Conv2d, AnchConv2d)):
             channels = m.weight.shape[0]
     return nn.Sequential(*out).requires_grad_(False).eval()
@@ -199,8 +230,8 @@ def export_onnx(model: nn.Module, path, *, roi_outputs: int, alpha: Optional[int
     path = os.fspath(path)
     prepare_folder(os.path.dirname(os.path.abspath(path)))
     side = geo.input_side(roi_outputs)
-    first = next((m for m in exp.layers if isinstance(m, nn.Conv2d)), None)
-    channels = first.weight.shape[1] if first is not None else 3
+    first = next((m for m in exp.layers.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first.weight.shape[1] * first.groups if first is not None else 3
     x = torch.rand(2, channels, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = exp(x)

@@ -243,3 +243,34 @@ def export_info(dense, roi_outputs):
     return {"geometry": dict(patch=g.patch, stride=g.stride, alpha=g.alpha, step=g.step, input_side=side,
                              output_side=roi_outputs), "input_shape": ("N", 3, side, side),
             "output_shape": ("N", 2, roi_outputs, roi_outputs)}
+
+
+def test_padding_free_residual_graph_exports(tmp_path):
+    """A traced graph (residual_fcn: cropped skips, BN) exports with its submodules replaced by
+    standard ones; ONNX Runtime within twice the graph's float32 bound of the patch loop."""
+    from pyfastscan.models import residual_fcn
+    from test_dense_graph import _ErrorBound
+
+    torch.manual_seed(0)
+    model = residual_fcn(width=4)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    dense = to_dense(model, 4)
+    assert not isinstance(dense.layers, nn.Sequential)  # the graph path
+    path = tmp_path / "rfcn.onnx"
+    info = export_onnx(dense, path, roi_outputs=3)
+    _check_file(path, info, dense, 3)
+    g = dense.geometry
+    x = torch.rand(1, 3, g.input_side(3), g.input_side(3), generator=torch.Generator().manual_seed(2))
+    got = _run(path, x)
+    loop = patch_loop(model, x, g.patch, g.step)
+    crops = torch.cat([x[:, :, i * g.step:i * g.step + g.patch, j * g.step:j * g.step + g.patch].double()
+                       for i in range(3) for j in range(3)])
+    with torch.no_grad():
+        bound = _ErrorBound(copy.deepcopy(model).double(), torch.float32).run(crops).e
+    bound = 2 * bound.reshape(9, 1, -1).permute(1, 2, 0).reshape(loop.shape)
+    bad = (got.double() - loop.double()).abs() > bound
+    assert not bad.any(), _where(bad, got.double(), loop.double(), bound)
