@@ -17,6 +17,7 @@ import shutil
 
 import pytest
 import torch
+from torch import nn
 
 from pyfastscan import _native
 
@@ -174,3 +175,20 @@ def assert_dense_equals_patch_loop(model, dense, x: torch.Tensor):
     err = (out.double() - loop.double()).abs()
     bad = err > 2 * bound
     assert not bad.any(), _where(bad, out.double(), loop.double(), 2 * bound)
+
+
+def seeded(model, seed=0, dtype=torch.float64):
+    """He-initialised convolutions and Linear layers, small random biases, BatchNorm
+    statistics away from the identity; ``dtype``, eval mode. One recipe for every test."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, std=(2.0 / m.weight[0].numel()) ** 0.5)
+            if m.bias is not None:
+                nn.init.normal_(m.bias, std=0.1)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.normal_(m.weight, 1.0, 0.2)
+            nn.init.normal_(m.bias, 0, 0.2)
+    return model.to(dtype).eval()

@@ -6,7 +6,7 @@ from torch import nn
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_dense_equals_patch_loop, assert_low_precision, patch_loop
+from helpers import seeded as _seeded, assert_dense_equals_patch_loop, assert_low_precision, patch_loop
 from pyfastscan import InvalidArgumentError, geometry, to_dense
 from pyfastscan.models import tellez_cnn, vgg16_fcn
 from pyfastscan.ops import last_backend
@@ -35,21 +35,6 @@ def _brute_geometry(model, max_side=400):
         except RuntimeError:  # a Linear head runs on S_p sizes only: past them, no stride to measure
             return side, None if grow == side + 1 else grow - side
     return side, grow - side
-
-
-def _seeded(model, seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.normal_(m.weight, std=(2.0 / m.weight[0].numel()) ** 0.5)
-            if m.bias is not None:
-                nn.init.normal_(m.bias, std=0.1)
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.normal_(m.weight, 1.0, 0.2)
-            nn.init.normal_(m.bias, 0, 0.2)
-    return model.to(dtype).eval()
 
 
 def _input(geo, map_side, dtype, n=1, seed=1):

@@ -13,7 +13,7 @@ from torch import nn
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from helpers import UNIT_ROUNDOFF, _where, assert_low_precision, gamma, patch_loop
+from helpers import seeded as _seeded, UNIT_ROUNDOFF, _where, assert_low_precision, gamma, patch_loop
 from pyfastscan import InvalidArgumentError, geometry, to_dense
 from pyfastscan.nn import Normalize
 
@@ -100,21 +100,6 @@ class ResidualFCN(nn.Module):
             x = F.max_pool2d(x, 2, 1)
             x = torch.cat([x, -x], dim=1)[:, : x.shape[1]]
         return F.softmax(self.head(x), dim=1)
-
-
-def _seeded(model, seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.normal_(m.weight, std=(2.0 / m.weight[0].numel()) ** 0.5)
-            if m.bias is not None:
-                nn.init.normal_(m.bias, std=0.1)
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.normal_(m.weight, 1.0, 0.2)
-            nn.init.normal_(m.bias, 0, 0.2)
-    return model.to(dtype).eval()
 
 
 def _input(geo, map_side, dtype=torch.float64, n=1, seed=1, extra=0):

@@ -9,7 +9,6 @@ import copy
 import logging
 import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402
 
-from helpers import _where, network_error_bound, patch_loop  # noqa: E402
+from helpers import _where, network_error_bound, patch_loop, seeded  # noqa: E402
 from pyfastscan import InvalidArgumentError, __version__, to_dense  # noqa: E402
 from pyfastscan.dense import _flatten  # noqa: E402
 from pyfastscan.export import export_onnx  # noqa: E402
@@ -29,14 +28,8 @@ from pyfastscan.nn import AnchPool2d  # noqa: E402
 
 
 def _seeded(model, seed=0):
-    """He-initialised weights, small random biases, float32, eval (as tests/test_dense.py)."""
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.normal_(m.weight, std=(2.0 / m.weight[0].numel()) ** 0.5)
-            if m.bias is not None:
-                nn.init.normal_(m.bias, std=0.1)
-    return model.float().eval()
+    """tests/helpers.py's recipe, in float32."""
+    return seeded(model, seed, torch.float32)
 
 
 def _dilated_avgpool():
