@@ -9,3 +9,11 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 # Tests import the installed package (--import-mode=importlib); only tests/ goes on the
 # path, for the shared helpers.
 sys.path.insert(0, os.path.dirname(__file__))
+
+# CI (CI=true) draws the same hypothesis examples on every run, so a submission's result
+# does not depend on the luck of the draw; runs elsewhere keep exploring new examples.
+if os.environ.get("CI") == "true":
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True)
+    settings.load_profile("ci")
