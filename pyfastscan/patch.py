@@ -22,16 +22,11 @@ from torch import nn
 
 from .dense import PRECISIONS, Geometry
 from .errors import InvalidArgumentError
+from .validate import check, check_optional
 from .models.files import check_normalize
 
 DEFAULT_MEMORY = 1 << 30  # bytes for one batch (patches + the model's activations)
 MAX_BATCH = 256
-
-
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InvalidArgumentError(f"{name} must be a positive int, got {v!r}")
-    return v
 
 
 def _in_channels(model: nn.Module, normalize) -> int:
@@ -162,14 +157,10 @@ class PatchModel(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _positive_int("patch", patch)
-        _positive_int("step", step)
+        patch, step = check("patch", patch), check("step", step)
         if precision not in PRECISIONS:
             raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if batch_size is not None:
-            _positive_int("batch_size", batch_size)
-        if memory is not None:
-            _positive_int("memory", memory)
+        batch_size, memory = check_optional("batch_size", batch_size), check_optional("memory", memory)
         self.normalize = check_normalize(normalize)
         net = copy.deepcopy(model).eval().requires_grad_(False)
         if precision == "bf16":
@@ -399,9 +390,7 @@ def dense_savings(model: nn.Module, patch: int, step: int, side: int) -> float:
         >>> round(dense_savings(resnet18(), 224, 32, 224 + 63 * 32))
         41
     """
-    _positive_int("patch", patch)
-    _positive_int("step", step)
-    _positive_int("side", side)
+    patch, step, side = check("patch", patch), check("step", step), check("side", side)
     if side < patch:
         raise InvalidArgumentError(f"side must be >= patch ({patch}), got {side}")
     c = _in_channels(model, None)

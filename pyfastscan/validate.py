@@ -71,6 +71,8 @@ OPTIONS = {
     "patch": Number(integer=True, lo=1, hi=1 << 16),
     "stride": Number(integer=True, lo=1, hi=1 << 16),
     "batch_size": Number(integer=True, lo=1, hi=1 << 20),
+    "step": Number(integer=True, lo=1, hi=1 << 16),  # patch mode: pixels between patches
+    "side": Number(integer=True, lo=1, hi=1 << 20),  # a ROI side, pixels
     "repeats": Number(integer=True, lo=1, hi=1000),
     "threads": Number(integer=True, lo=0, hi=4096),  # 0: torch's choice
     "memory_mib": Number(integer=True, lo=0, hi=1 << 30),  # 0: the default budget

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..dense import DenseModel, to_dense
 from ..errors import InvalidArgumentError
+from ..validate import check_optional
 from ..models.files import ModelCard, card_of, check_normalize
 
 MODES = ("auto", "dense", "patch")
@@ -38,12 +39,6 @@ class Scanner:
     card: Optional[ModelCard]
     positive_class: int
     note: Optional[str] = None
-
-
-def _positive_int(name, v):
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-        raise InvalidArgumentError(f"{name} must be a positive int, got {v!r}")
-    return v
 
 
 def make_scanner(model: nn.Module, *, mode: str = "auto", alpha: int = 1, plan: str = "minimal",
@@ -71,11 +66,9 @@ def make_scanner(model: nn.Module, *, mode: str = "auto", alpha: int = 1, plan: 
 
     if mode not in MODES:
         raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
-    for name, v in (("patch", patch), ("stride", stride), ("batch_size", batch_size)):
-        _positive_int(name, v)
-    if positive_class is not None and (isinstance(positive_class, bool) or not isinstance(positive_class, int)
-                                       or positive_class < 0):
-        raise InvalidArgumentError(f"positive_class must be a non-negative int, got {positive_class!r}")
+    patch, stride = check_optional("patch", patch), check_optional("stride", stride)
+    batch_size = check_optional("batch_size", batch_size)
+    positive_class = check_optional("positive_class", positive_class)
     card = card_of(model)
     pos = positive_class if positive_class is not None else (card.positive_class if card else 1)
     if isinstance(model, (DenseModel, PatchModel)):
