@@ -75,7 +75,7 @@ def run(path: str, readers: int = None) -> dict:
     readers = readers or default_readers()
     probe = _stand_in(1e6)
     first = scan_slide(path, probe, alpha=1, roi_outputs=ROI_OUTPUTS, progress=False, precision="fp32",
-                       workers=readers)
+                       readers=readers)
     s = open_slide(path)
     from pyfastscan.pipeline.scan import _plan_rois
 
@@ -96,7 +96,7 @@ def run(path: str, readers: int = None) -> dict:
     def scan_with(rate):
         model = _stand_in(rate)
         res = scan_slide(path, model, alpha=1, roi_outputs=ROI_OUTPUTS, progress=False, precision="fp32",
-                         workers=readers)
+                         readers=readers)
         t = res.timings
         stage = t["total"] - t["open"] - t["tissue"] - t["postprocess"]
         assert model.calls == len(rois) == res.n_rois

@@ -21,7 +21,7 @@ def _common(args) -> dict:
     return dict(alpha=args.alpha, mpp=args.mpp, scan_mpp=args.scan_mpp, slide_mpp=args.slide_mpp, device=args.device, precision=args.precision,
                 roi_outputs=args.roi_outputs, memory=args.memory_mib << 20 if args.memory_mib else None,
                 progress=not args.quiet, mode=args.mode, patch=args.patch, stride=args.stride,
-                batch_size=args.batch_size, workers=args.readers)
+                batch_size=args.batch_size, readers=args.readers)
 
 
 def _warn_line(message, category, filename, lineno, file=None, line=None):

@@ -11,7 +11,7 @@
 """
 import contextlib
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -53,12 +53,16 @@ def auto_precision(device_type: str, index: int = 0) -> Tuple[str, str]:
     return "fp32", f"no bf16 rule for {device_type} devices"
 
 
-def resolve_precision(precision: str, device) -> Tuple[str, str]:
-    """(precision to run, why) for a requested precision on ``device``."""
+def resolve_precision(precision: str, device, model_dtype: Optional[torch.dtype] = None) -> Tuple[str, str]:
+    """(precision to run, why) for a requested precision on ``device``. A model whose
+    parameters are float64 asked for reference precision: "auto" keeps its dtype ("fp32",
+    which runs a model in its own dtype) rather than casting it to bf16."""
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision, "requested"
+    if model_dtype == torch.float64:
+        return "fp32", "the model is float64: auto keeps the model's own dtype"
     device = torch.device(device)
     return auto_precision(device.type, device.index or 0)
 

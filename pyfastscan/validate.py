@@ -66,8 +66,8 @@ OPTIONS = {
     "num_classes": Number(integer=True, lo=2, hi=1 << 16),
     "positive_class": Number(integer=True, lo=0, hi=(1 << 16) - 1),
     "roi_outputs": Number(integer=True, lo=1, hi=1 << 16),
-    "workers": Number(integer=True, lo=1, hi=256),
-    "readers": Number(integer=True, lo=1, hi=256),  # the CLI's name for workers
+    "workers": Number(integer=True, lo=1, hi=256),  # Ray workers (engine="ray")
+    "readers": Number(integer=True, lo=1, hi=256),  # reader threads decoding ROIs ahead of the model
     "patch": Number(integer=True, lo=1, hi=1 << 16),
     "stride": Number(integer=True, lo=1, hi=1 << 16),
     "batch_size": Number(integer=True, lo=1, hi=1 << 20),

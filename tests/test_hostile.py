@@ -404,7 +404,7 @@ def test_bad_evaluate_option_values(capsys, argv):
 
 @pytest.mark.parametrize("kw", [dict(threshold=float("nan")), dict(threshold=-0.1), dict(alpha=0), dict(alpha=2.5),
                                 dict(alpha=True), dict(mpp=float("nan")), dict(mpp=-1.0), dict(roi_outputs="7"),
-                                dict(workers=0), dict(memory=-5), dict(positive_class=-1)])
+                                dict(readers=0), dict(memory=-5), dict(positive_class=-1)])
 def test_public_scan_arguments_are_validated_before_any_work(kw):
     from pyfastscan import InvalidArgumentError, scan_slide
 

@@ -324,12 +324,13 @@ def test_auto_roi_size_is_the_largest_that_fits_the_budget():
         return 2 * dense.activation_bytes(g.input_side(L)) + buffers * 3 * 4 * g.input_side(L) ** 2  # float32 ROIs
 
     budget = need(37) + 1
-    assert choose_roi_outputs(dense, budget, workers=2) == 37
-    assert choose_roi_outputs(dense, need(37) - 1, workers=2) == 36
-    assert choose_roi_outputs(dense, 1 << 40, workers=2) == 256
+    assert choose_roi_outputs(dense, budget, readers=2) == 37
+    assert choose_roi_outputs(dense, need(37) - 1, readers=2) == 36
+    assert choose_roi_outputs(dense, 1 << 40, readers=2) == 256
     with pytest.raises(InvalidArgumentError, match="memory budget"):
         choose_roi_outputs(dense, 1000)
-    res = scan_slide(ArraySlide(_image()), _model(torch.float32), alpha=2, memory=need(9), progress=False, workers=2)
+    res = scan_slide(ArraySlide(_image()), _model(torch.float32), alpha=2, memory=need(9), progress=False, readers=2,
+                     precision="fp32")  # need() counts fp32 activations; auto may pick bf16 (AMX)
     assert res.geometry["roi_outputs"] == 9
 
 

@@ -146,7 +146,7 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
                    positive_class: Optional[int] = None, mode: str = "auto", patch: Optional[int] = None,
                    stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
                    map_threshold: float = 0.8, nms_um: float = 25.0, delta: float = 0.970,
-                   theta: Sequence[float] = (6, 20), step_um: float = 8.0, workers: Optional[int] = None,
+                   theta: Sequence[float] = (6, 20), step_um: float = 8.0, readers: Optional[int] = None,
                    progress: bool = True, scan_mpp: Optional[float] = None, slide_mpp: Optional[float] = None,
                    model_mpp: Optional[float] = None) -> MitosisResult:
     """Detect mitotic figures over a whole slide and report the hotspot and grade.
@@ -154,7 +154,7 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
     Args:
         slide, model, mpp, scan_mpp, slide_mpp, model_mpp, device, precision, plan, tissue_mask,
             tissue_labels, roi_outputs, memory, positive_class, mode, patch, stride, normalize,
-            batch_size, workers, progress: as :func:`scan_slide`.
+            batch_size, readers, progress: as :func:`scan_slide`.
             The default model is ``tellez_cnn`` (gamma 0.6) with trained weights.
         alpha: dense factor; 1 (default) gives the network's own stride (4 px for tellez_cnn).
         region_mask: optional region to count in (default: the tissue mask): a boolean
@@ -176,7 +176,7 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
     with contextlib.ExitStack() as stack:
         job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
                         tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,
-                        memory=memory, workers=workers, mode=mode, patch=patch, stride=stride, normalize=normalize,
+                        memory=memory, readers=readers, mode=mode, patch=patch, stride=stride, normalize=normalize,
                         batch_size=batch_size, positive_class=positive_class, progress=progress, scan_mpp=scan_mpp,
                         slide_mpp=slide_mpp, model_mpp=model_mpp)
         s, timings = job.slide, job.timings
@@ -189,7 +189,7 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
                 det.feed(band_row0, band)
                 timings["postprocess"] += time.perf_counter() - t
 
-        for (r0, c0, rows, cols, *_), block in infer_rois(job, job.rois, device=device, workers=workers,
+        for (r0, c0, rows, cols, *_), block in infer_rois(job, job.rois, device=device, readers=readers,
                                                           label=f"mitosis {s.name}", progress=progress):
             if r0 != band_row0:  # ROIs come row by row: a new ROI row starts a new band
                 flush()

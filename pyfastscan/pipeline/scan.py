@@ -106,9 +106,9 @@ def _check_map_fits(name: str, n_rows: int, n_cols: int, scan_mpp: float) -> Non
                          f"more than the {avail / 2**30:.1f} GiB of memory available; scan at a coarser resolution")
 
 
-def choose_roi_outputs(dense: DenseModel, budget: int, workers: int = 2, limit: int = 256) -> int:
+def choose_roi_outputs(dense: DenseModel, budget: int, readers: int = 2, limit: int = 256) -> int:
     """L_m': the largest number of map cells per ROI side (at most ``limit``) whose forward
-    pass and read-ahead buffers (``max_read_ahead(workers)`` + 1 ROIs converted to the
+    pass and read-ahead buffers (``max_read_ahead(readers)`` + 1 ROIs converted to the
     model's input dtype, float32 or float64) fit in ``budget`` bytes. The
     forward pass is counted as twice :meth:`DenseModel.activation_bytes`: the backends'
     layout reorders and workspaces come on top of the tensors PyTorch holds (oneDNN on
@@ -118,7 +118,7 @@ def choose_roi_outputs(dense: DenseModel, budget: int, workers: int = 2, limit: 
 
     def need(L):
         side = g.input_side(L)
-        return 2 * dense.activation_bytes(side) + (max_read_ahead(workers) + 1) * 3 * side * side * item
+        return 2 * dense.activation_bytes(side) + (max_read_ahead(readers) + 1) * 3 * side * side * item
 
     if need(1) > budget:
         raise InvalidArgumentError(f"a single patch ({g.patch} px) needs {need(1) / 2**20:.0f} MiB, more than the "
@@ -232,7 +232,7 @@ def resolve_scan_mpp(name: str, level0_mpp: float, scan_mpp: Optional[float], mo
 
 def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: int, mpp: Optional[float], device,
               precision: str, plan: str, tissue_mask, tissue_labels, roi_outputs, memory: Optional[int],
-              workers: Optional[int], mode: str = "auto", patch: Optional[int] = None,
+              readers: Optional[int], mode: str = "auto", patch: Optional[int] = None,
               stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
               positive_class: Optional[int] = None, progress: bool = False, scan_mpp: Optional[float] = None,
               slide_mpp: Optional[float] = None, model_mpp: Optional[float] = None) -> ScanJob:
@@ -255,11 +255,12 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
         stack.callback(s.close)
     if roi_outputs != "auto":
         check("roi_outputs", roi_outputs)
-    workers = default_readers() if workers is None else check("workers", workers)
+    readers = default_readers() if readers is None else check("readers", readers)
     check("alpha", alpha)
     check_optional("memory", memory)
     budget = memory if memory is not None else memory_budget(device)
-    precision, precision_reason = resolve_precision(precision, device)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    precision, precision_reason = resolve_precision(precision, device, None if param is None else param.dtype)
     stack.enter_context(tf32_mode(device, precision == "tf32"))  # fp32 on CUDA is true fp32
     sc = make_scanner(model, mode=mode, alpha=alpha, plan=plan, precision="fp32" if precision == "tf32" else precision,
                       normalize=normalize, patch=patch, stride=stride, batch_size=batch_size,
@@ -275,7 +276,7 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     dense = sc.model.to(device)
     g = dense.geometry
     if roi_outputs == "auto":
-        roi_outputs = choose_roi_outputs(dense, budget, workers)
+        roi_outputs = choose_roi_outputs(dense, budget, readers)
     w0, h0 = s.dimensions
     scan_w, scan_h = int(w0 / scan_ds), int(h0 / scan_ds)
     n_rows, n_cols = g.output_side(scan_h), g.output_side(scan_w)
@@ -297,12 +298,12 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     rois, n_total = _plan_rois(g, n_rows, n_cols, roi_outputs, tissue, scan_ds)
     return ScanJob(s, dense, scan_mpp, scan_ds, n_rows, n_cols, roi_outputs, tissue, thumb, thumb_ds, rois, n_total,
                    s.best_level(scan_ds), timings, t0, sc.mode, sc.positive_class, sc.note, sc.card, precision,
-                   precision_reason, workers)
+                   precision_reason, readers)
 
 
-def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, workers: Optional[int] = None):
+def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, readers: Optional[int] = None):
     """Yield (roi, probability block) for each ROI of ``todo`` in order, through the input
-    pipeline (:class:`~pyfastscan.pipeline.readers.RoiPipeline`): ``workers`` reader
+    pipeline (:class:`~pyfastscan.pipeline.readers.RoiPipeline`): ``readers`` reader
     threads (default: the job's), reusable buffers, copies and compute overlapped on CUDA. Read waits and
     inference time go into job.timings; cells whose patch touches no tissue are 0."""
     from .readers import RoiPipeline
@@ -324,7 +325,7 @@ def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, 
         return (F.softmax(out, dim=1) if softmax else out)[0, positive_class]
 
     bar = Progress(len(todo), label, progress, unit="ROIs")
-    pipe = RoiPipeline(read, todo, run, device=device, in_dtype=dense.input_dtype, readers=workers or job.readers,
+    pipe = RoiPipeline(read, todo, run, device=device, in_dtype=dense.input_dtype, readers=readers or job.readers,
                        timings=job.timings)
     for done, (roi, block) in enumerate(pipe, start=1):
         _check_finite(block, roi, s.name)
@@ -349,7 +350,7 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
                precision: str = "auto", plan: str = "minimal", mode: str = "auto", patch: Optional[int] = None,
                stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
                tissue_mask=None, tissue_labels=None, roi_outputs="auto", memory: Optional[int] = None,
-               positive_class: Optional[int] = None, threshold: float = 0.5, workers: Optional[int] = None,
+               positive_class: Optional[int] = None, threshold: float = 0.5, readers: Optional[int] = None,
                checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True,
                scan_mpp: Optional[float] = None, slide_mpp: Optional[float] = None,
                model_mpp: Optional[float] = None) -> ScanResult:
@@ -389,7 +390,7 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
         memory: the byte budget for roi_outputs="auto".
         positive_class: the output channel the map shows (default: the weights file's, else 1).
         threshold: probability for detections (paper: 0.5).
-        workers: reader threads decoding ROIs ahead of the model (default: one per core, at
+        readers: reader threads decoding ROIs ahead of the model (default: one per core, at
             least 2, at most 8; CLI ``--readers``).
         checkpoint: a file where each finished ROI is appended as soon as it is computed.
         resume: continue from ``checkpoint``: the ROIs it holds are not read or computed
@@ -402,7 +403,7 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
     with contextlib.ExitStack() as stack:
         job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
                         tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,
-                        memory=memory, workers=workers, mode=mode, patch=patch, stride=stride, normalize=normalize,
+                        memory=memory, readers=readers, mode=mode, patch=patch, stride=stride, normalize=normalize,
                         batch_size=batch_size, positive_class=positive_class, progress=progress, scan_mpp=scan_mpp,
                         slide_mpp=slide_mpp, model_mpp=model_mpp)
         s, rois, timings = job.slide, job.rois, job.timings
@@ -422,7 +423,7 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
             todo = rois
         n_resumed = len(rois) - len(todo)
         label = f"scan {s.name}" + (f" (resuming: {n_resumed} ROIs done before)" if n_resumed else "")
-        for (r0, c0, rows, cols, *_), block in infer_rois(job, todo, device=device, workers=workers, label=label,
+        for (r0, c0, rows, cols, *_), block in infer_rois(job, todo, device=device, readers=readers, label=label,
                                                           progress=progress):
             heat[r0:r0 + rows, c0:c0 + cols] = block
             if log is not None:
