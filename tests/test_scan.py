@@ -348,3 +348,114 @@ def test_demo_builds_a_real_pyramidal_slide_and_scans_it(tmp_path):
     w = demo.whole_slide(str(tmp_path / "run"))
     assert sorted(os.listdir(tmp_path / "run" / "scan")) == OUTPUTS
     assert 0 <= w["found"] <= 4 and w["false_positives"] >= 0
+
+
+def _pyramid(tmp_path):
+    """A lossless 3-level TIFF whose level 1 has a non-integer downsample (601 / 300):
+    OpenSlide resamples such a level when a read falls between its pixels."""
+    from pyfastscan.pipeline.outputs import write_pyramid_tif
+    from pyfastscan.samples import carcinoma_image
+
+    img = np.full((451, 601, 3), 240, dtype=np.uint8)
+    img[30:260, 40:330] = carcinoma_image()[:230, :290]  # glass right and below: cells with no data
+    path = str(tmp_path / "odd.tif")
+    write_pyramid_tif(path, img, 0.5, levels=3, compression="zlib")
+    return path
+
+
+def test_level_pixels_are_read_as_stored(tmp_path):
+    import tifffile
+
+    path = _pyramid(tmp_path)
+    s = open_slide(path)
+    try:
+        ds = s.handle.level_downsamples[1]
+        assert not float(ds).is_integer()
+        page = tifffile.imread(path, key=1)
+        assert np.array_equal(s.read_level(0, 0, page.shape[1], page.shape[0], 1), page)
+        assert np.array_equal(s.read_level(37, 11, 50, 40, 1), page[11:51, 37:87])
+        # what OpenSlide gives for the same pixels from a level-0 location: resampled
+        via_openslide = s.read(int(round(37 * ds)), int(round(11 * ds)), 50, 40, 1)
+        assert not np.array_equal(via_openslide, page[11:51, 37:87])
+    finally:
+        s.close()
+
+
+def test_resampled_pixels_do_not_depend_on_the_region():
+    from pyfastscan.pipeline.scan import _read_scan_region
+
+    img = np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    s = open_slide(ArraySlide(img))
+    for ds in (1.37, 2.5, 0.9985):
+        whole = _read_scan_region(s, 0, 0, 120, 90, ds, 0, 1.0)
+        for x, y, w, h in ((0, 0, 7, 5), (13, 29, 40, 31), (77, 50, 43, 40), (119, 89, 1, 1)):
+            part = _read_scan_region(s, x, y, w, h, ds, 0, 1.0)
+            assert np.array_equal(part, whole[y:y + h, x:x + w]), (ds, x, y)
+    # the filter is PyTorch's antialiased bilinear away from the borders (within rounding)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float(), size=(120, 160),
+                                          mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0)
+    got = _read_scan_region(s, 0, 0, 160, 120, 2.5, 0, 1.0).astype(np.int16)
+    assert np.abs(got[3:-3, 3:-3] - ref.round().numpy()[3:-3, 3:-3]).max() <= 1
+
+
+@pytest.mark.parametrize("where", ["level 0", "level 1 (downsample 2.0033)", "resampled from level 1"])
+def test_maps_at_different_roi_sizes_are_equal_at_every_resolution(tmp_path, where):
+    """The map does not depend on L_m': every scan-level pixel is the same whichever ROI
+    reads it, so the maps at 8, 20 and auto are the same float64 sums (within the
+    propagated rounding bound of each) as the patch loop over the scan-level image, with
+    equal detections."""
+    from pyfastscan.pipeline.scan import _read_scan_region
+
+    path = _pyramid(tmp_path)
+    s = open_slide(path)
+    ds1 = s.handle.level_downsamples[1]
+    scan_mpp = {"level 0": 0.5, "level 1 (downsample 2.0033)": 0.5 * ds1, "resampled from level 1": 1.5}[where]
+    model = _model()
+    maps = [scan_slide(s, model, alpha=2, scan_mpp=scan_mpp, roi_outputs=L, progress=False) for L in (8, 20, "auto")]
+    assert len({m.n_rois for m in maps}) == 3  # the ROI sizes really differed
+    job_ds = scan_mpp / 0.5
+    level = s.best_level(job_ds)
+    level_ds = s.handle.level_downsamples[level]
+    if abs(job_ds / level_ds - 1) < 1e-3:
+        job_ds = level_ds
+    assert (level, job_ds == level_ds) == {"level 0": (0, True), "level 1 (downsample 2.0033)": (1, True),
+                                           "resampled from level 1": (1, False)}[where]
+    g = to_dense(model, 2).geometry
+    n_rows, n_cols = maps[0].heatmap.shape
+    h, w = g.input_side(n_rows), g.input_side(n_cols)
+    image = _read_scan_region(s, 0, 0, w, h, job_ds, level, level_ds)  # the scan-level image in one read
+    s.close()
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].double() / 255
+    loop = torch.softmax(patch_loop(model, x, g.patch, g.step), dim=1)[0, 1].numpy()
+    crops = torch.cat([x[:, :, i * g.step:i * g.step + g.patch, j * g.step:j * g.step + g.patch]
+                       for i in range(n_rows) for j in range(n_cols)])
+    bound = network_error_bound(_flatten(model), crops, torch.float64).amax(dim=1).reshape(loop.shape).numpy()
+    store = 2.0 ** -24 * np.abs(loop)
+    on = maps[0].heatmap != 0
+    assert on.any() and (~on).any()
+    for m in maps:
+        assert np.array_equal(m.heatmap != 0, on)  # the same cells are no-data
+        diff = np.abs(m.heatmap.astype(np.float64) - loop)
+        assert np.all(diff[on] <= (2 * bound + store)[on]), np.unravel_index(np.argmax(diff * on), diff.shape)
+        assert [(d.x, d.y) for d in m.detections] == [(d.x, d.y) for d in maps[0].detections]
+        assert m.cells["tissue"] == maps[0].cells["tissue"] and m.cells["computed"] >= m.cells["tissue"]
+
+
+def test_auto_roi_size_takes_the_least_work():
+    """Among the sizes that fit, auto takes the one computing the fewest input pixels."""
+    from pyfastscan.pipeline.scan import _plan_rois, least_work_roi_outputs
+    from pyfastscan.slide.tissue import TissueMask
+
+    g = to_dense(_model(), 2).geometry
+    mask = np.zeros((200, 200), dtype=bool)
+    mask[10:14, 10:14] = mask[150:153, 40:44] = mask[90:120, 130:190] = True
+    tissue = TissueMask(mask, 4.0)
+    n_rows = n_cols = g.output_side(800)
+
+    def work(L):
+        rois, _ = _plan_rois(g, n_rows, n_cols, L, tissue, 1.0)
+        return sum(r.width * r.height for r in rois)
+
+    chosen = least_work_roi_outputs(g, n_rows, n_cols, 64, tissue, 1.0)
+    tried = {max(1, int(round(64 * 0.25 ** (k / 10)))) for k in range(11)}
+    assert chosen in tried and work(chosen) == min(work(L) for L in tried) and chosen < 64

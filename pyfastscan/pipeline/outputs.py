@@ -126,6 +126,7 @@ def run_report(result, command: Optional[str] = None) -> dict:
     return {
         "slide": result.slide_name, "slide_size_px": list(result.slide_size), "slide_mpp": result.slide_mpp,
         "model_geometry": result.geometry, "model": result.model, "rois_scanned": result.n_rois, "rois_total": result.n_rois_total,
+        "cells": result.cells,
         "tissue_area_mm2": result.tissue.area_mm2(result.slide_mpp), "tissue_mask_downsample": result.tissue.downsample,
         "timings_s": result.timings, "versions": package_versions(),
         "command": command if command is not None else " ".join(sys.argv),

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,6 +28,20 @@ from ..errors import InvalidArgumentError, ModelOutputError
 from ..slide.reader import Slide, open_slide
 from ..validate import check, check_optional
 from ..slide.tissue import TissueMask, otsu_tissue_mask, user_tissue_mask
+
+
+class Roi(NamedTuple):
+    """One ROI of the plan: the map cells [row, row + rows) x [col, col + cols), computed
+    from the scan-level pixels [x, x + width) x [y, y + height) (paper Eq. 2)."""
+
+    row: int
+    col: int
+    rows: int
+    cols: int
+    x: int
+    y: int
+    width: int
+    height: int
 
 
 @dataclass
@@ -54,6 +68,7 @@ class SlideRun:
     thumbnail: Optional[np.ndarray] = field(repr=False)
     thumbnail_downsample: float
     model: dict  # what was scanned and how: mode, the weights file's card (see ScanJob.model_info)
+    cells: dict  # map cells computed (the tissue ROIs'), on tissue, and their ratio (see ScanJob.cells)
 
 
 @dataclass
@@ -169,6 +184,7 @@ class ScanJob:
     precision: str = "fp32"  # what ran: fp32, tf32 or bf16 ("auto" resolved)
     precision_reason: str = "requested"
     readers: int = 2  # reader threads
+    cells_tissue: int = 0  # map cells whose patch touches tissue (the others are 0 without being computed)
 
     @property
     def stride_px(self) -> float:
@@ -181,13 +197,10 @@ class ScanJob:
         c = self.dense.geometry.patch / 2 * self.scan_ds
         return (c, c)
 
-    def cells_on_tissue(self, roi) -> np.ndarray:
+    def cells_on_tissue(self, roi: Roi) -> np.ndarray:
         """(rows, cols) bool of a ROI's map cells whose patch touches tissue: the others are
         0 (no data), so the map does not depend on how the ROIs tile it."""
-        r0, c0, rows, cols = roi[:4]
-        g, ds = self.dense.geometry, self.scan_ds
-        return self.tissue.boxes_touching((c0 + np.arange(cols)) * g.step * ds, (r0 + np.arange(rows)) * g.step * ds,
-                                          g.patch * ds)
+        return _cells_on_tissue(self.dense.geometry, self.tissue, self.scan_ds, roi)
 
     def run_info(self) -> dict:
         """The :class:`SlideRun` fields of this job (timings finished with the total)."""
@@ -198,7 +211,15 @@ class ScanJob:
                                   plan=self.dense.plan, precision=self.precision, roi_outputs=self.roi_outputs,
                                   positive_class=self.positive_class),
                     tissue=self.tissue, n_rois=len(self.rois), n_rois_total=self.n_total, timings=self.timings,
-                    thumbnail=self.thumbnail, thumbnail_downsample=self.thumbnail_downsample, model=self.model_info())
+                    thumbnail=self.thumbnail, thumbnail_downsample=self.thumbnail_downsample, model=self.model_info(),
+                    cells=self.cells())
+
+    def cells(self) -> dict:
+        """Map cells the tissue ROIs compute, cells on tissue, and computed / tissue (the
+        work spent on halo-free glass around the tissue: 1 would be none)."""
+        computed = sum(r.rows * r.cols for r in self.rois)
+        return dict(computed=computed, tissue=self.cells_tissue,
+                    computed_per_tissue=round(computed / self.cells_tissue, 4) if self.cells_tissue else None)
 
     def model_info(self) -> dict:
         """The model as report.json records it: mode (and why patch mode), and what its
@@ -273,12 +294,15 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     scan_ds = scan_mpp / s.mpp
     if scan_ds < 0.999:
         raise InvalidArgumentError(f"{s.name}: cannot scan at {scan_mpp} um/px, finer than level 0 ({s.mpp} um/px)")
+    level = s.best_level(scan_ds)
+    level_ds = float(s.handle.level_downsamples[level])
+    if abs(scan_ds / level_ds - 1) < 1e-3:  # the level's own pixels: its true downsample (2.000337, ...)
+        scan_ds, scan_mpp = level_ds, s.mpp * level_ds
     dense = sc.model.to(device)
     g = dense.geometry
-    if roi_outputs == "auto":
-        roi_outputs = choose_roi_outputs(dense, budget, readers)
     w0, h0 = s.dimensions
-    scan_w, scan_h = int(w0 / scan_ds), int(h0 / scan_ds)
+    scan_w, scan_h = (int(v) for v in s.handle.level_dimensions[level]) if scan_ds == level_ds else \
+        (int(w0 / scan_ds), int(h0 / scan_ds))
     n_rows, n_cols = g.output_side(scan_h), g.output_side(scan_w)
     if n_rows == 0 or n_cols == 0:
         raise InvalidArgumentError(f"{s.name}: {scan_w} x {scan_h} px at {scan_mpp} um/px is smaller than one "
@@ -294,11 +318,15 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
         tissue = tissue_mask
     else:
         tissue = user_tissue_mask(tissue_mask, w0, tissue_labels)
-    timings["tissue"] = time.perf_counter() - t
+    if roi_outputs == "auto":  # the least work among the sizes that fit the memory budget
+        roi_outputs = least_work_roi_outputs(g, n_rows, n_cols, choose_roi_outputs(dense, budget, readers), tissue,
+                                             scan_ds)
     rois, n_total = _plan_rois(g, n_rows, n_cols, roi_outputs, tissue, scan_ds)
+    cells_tissue = sum(int(_cells_on_tissue(g, tissue, scan_ds, r).sum()) for r in rois)
+    timings["tissue"] = time.perf_counter() - t
     return ScanJob(s, dense, scan_mpp, scan_ds, n_rows, n_cols, roi_outputs, tissue, thumb, thumb_ds, rois, n_total,
-                   s.best_level(scan_ds), timings, t0, sc.mode, sc.positive_class, sc.note, sc.card, precision,
-                   precision_reason, readers)
+                   level, timings, t0, sc.mode, sc.positive_class, sc.note, sc.card, precision,
+                   precision_reason, readers, cells_tissue)
 
 
 def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, readers: Optional[int] = None):
@@ -313,9 +341,8 @@ def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, 
     softmax = not dense.ends_with_softmax
     positive_class = job.positive_class
 
-    def read(roi):
-        _, _, _, _, x, y, wi, hi = roi
-        return _read_scan_region(s, x, y, wi, hi, job.scan_ds, job.level, level_ds)
+    def read(roi: Roi):
+        return _read_scan_region(s, roi.x, roi.y, roi.width, roi.height, job.scan_ds, job.level, level_ds)
 
     def run(x):
         out = dense(x)
@@ -445,10 +472,37 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
                           n_rois_resumed=n_resumed, threshold=threshold)
 
 
+def _cells_on_tissue(g, tissue: TissueMask, scan_ds: float, roi: Roi) -> np.ndarray:
+    step = g.step * scan_ds
+    return tissue.boxes_touching((roi.col + np.arange(roi.cols)) * step, (roi.row + np.arange(roi.rows)) * step,
+                                 g.patch * scan_ds)
+
+
+def least_work_roi_outputs(g, n_rows: int, n_cols: int, largest: int, tissue: TissueMask, scan_ds: float) -> int:
+    """L_m' for roi_outputs="auto": among the sizes that fit the memory budget (up to
+    ``largest``), the one whose tissue ROIs compute the fewest input pixels, halo and glass
+    included (ties: the larger). Smaller ROIs hug the tissue (less glass) but each carries
+    a halo of patch - step pixels; sizes below largest / 4 are not tried (per-call costs the
+    input count does not see). Each size's ROI grid is tested against the tissue mask with
+    one summed-area lookup per ROI (:meth:`TissueMask.boxes_touching`)."""
+    best, best_cost = largest, None
+    for L in sorted({max(1, int(round(largest * 0.25 ** (k / 10)))) for k in range(11)}, reverse=True):
+        na, nb = math.ceil(n_rows / L), math.ceil(n_cols / L)
+        rows = np.minimum(L, n_rows - np.arange(na) * L)
+        cols = np.minimum(L, n_cols - np.arange(nb) * L)
+        side_y = np.array([g.input_side(int(r)) for r in rows])
+        side_x = np.array([g.input_side(int(c)) for c in cols])
+        touched = tissue.boxes_touching(np.arange(nb) * L * g.step * scan_ds, np.arange(na) * L * g.step * scan_ds,
+                                        g.input_side(L) * scan_ds)
+        cost = int((touched * side_y[:, None] * side_x[None, :]).sum())
+        if best_cost is None or cost < best_cost:
+            best, best_cost = L, cost
+    return best
+
+
 def _plan_rois(g, n_rows: int, n_cols: int, L: int, tissue: TissueMask, scan_ds: float):
     """ROIs of L x L map cells at ROI stride L * step (paper Eq. 2), the last row and column
-    cut to the map; only those whose input area touches tissue. Each ROI is (first map row,
-    first map column, rows, columns, x, y, width, height of its input in scan-level pixels).
+    cut to the map; only those whose input area touches tissue (:class:`Roi`, row-major).
     Returns (tissue ROIs, number of ROIs in the whole grid)."""
     rois = []
     for a in range(math.ceil(n_rows / L)):
@@ -457,7 +511,7 @@ def _plan_rois(g, n_rows: int, n_cols: int, L: int, tissue: TissueMask, scan_ds:
             x, y = b * L * g.step, a * L * g.step
             wi, hi = g.input_side(cols), g.input_side(rows)
             if tissue.any_in(x * scan_ds, y * scan_ds, (x + wi) * scan_ds, (y + hi) * scan_ds):
-                rois.append((a * L, b * L, rows, cols, x, y, wi, hi))
+                rois.append(Roi(a * L, b * L, rows, cols, x, y, wi, hi))
     return rois, math.ceil(n_rows / L) * math.ceil(n_cols / L)
 
 
@@ -466,22 +520,47 @@ MAX_REGION_BYTES = 1 << 30  # the most one ROI may read from its level before re
 
 def _read_scan_region(s: Slide, x: int, y: int, w: int, h: int, scan_ds: float, level: int,
                       level_ds: float) -> np.ndarray:
-    """RGB (h, w, 3) at the scan resolution: read from ``level`` and resampled only when
-    its downsample differs from the scan's."""
+    """RGB (h, w, 3) uint8: the scan-level pixels [x, x + w) x [y, y + h), each the same
+    whichever ROI reads it. At a level's own resolution (``open_scan`` sets ``scan_ds`` to
+    the level's downsample when they agree within 0.1%) they are the level's pixels as
+    stored (:meth:`Slide.read_level`); otherwise the level is resampled with weights that
+    depend only on the pixel's position on the slide (:func:`resample_weights`)."""
     factor = scan_ds / level_ds
-    x0, y0 = int(round(x * scan_ds)), int(round(y * scan_ds))
-    if abs(factor - 1) < 1e-3:
-        return s.read(x0, y0, w, h, level)
-    lw, lh = math.ceil(w * factor), math.ceil(h * factor)
+    if factor == 1.0:
+        return s.read_level(x, y, w, h, level)
+    (ix, wx), (iy, wy) = resample_weights(x, w, factor), resample_weights(y, h, factor)
+    lx0, ly0 = int(ix.min()), int(iy.min())
+    lw, lh = int(ix.max()) + 1 - lx0, int(iy.max()) + 1 - ly0
     if lw * lh * 4 > MAX_REGION_BYTES:
         from ..slide.reader import SlideError
 
         raise SlideError(f"{s.name}: no level of the slide is near the scan resolution: a {w} x {h} px ROI would "
                          f"read {lw} x {lh} px of level {level} ({lw * lh * 4 / 2**30:.1f} GiB); scan at a finer "
                          "resolution or give the slide a pyramid")
-    img = torch.from_numpy(s.read(x0, y0, lw, lh, level)).permute(2, 0, 1)[None].float()
-    img = F.interpolate(img, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    return img[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    img = s.read_level(lx0, ly0, lw, lh, level).astype(np.float32)
+    cols = np.zeros((lh, w, 3), dtype=np.float32)
+    for k in range(ix.shape[1]):  # a fixed order of taps: each output pixel is the same sum in every ROI
+        cols += wx[None, :, k, None] * img[:, ix[:, k] - lx0]
+    out = np.zeros((h, w, 3), dtype=np.float32)
+    for k in range(iy.shape[1]):
+        out += wy[:, k, None, None] * cols[iy[:, k] - ly0]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def resample_weights(p0: int, n: int, factor: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(indices, weights), each (n, K): the level pixels and float32 weights of scan pixels
+    p0 .. p0 + n - 1 on one axis, when a scan pixel is ``factor`` level pixels. Scan pixel p
+    is centred at level coordinate u = (p + 1/2) * factor - 1/2; the filter is the triangle
+    of half-width max(factor, 1) (bilinear, antialiased when shrinking, as PyTorch's
+    ``antialias=True``), normalised over its taps. Pixels beyond the level are white (what
+    reading there gives), so the weights depend on p alone, never on the ROI."""
+    support = max(factor, 1.0)
+    K = 2 * math.ceil(support) + 1
+    u = (np.arange(p0, p0 + n, dtype=np.float64) + 0.5) * factor - 0.5
+    first = np.floor(u - support).astype(np.int64) + 1
+    idx = first[:, None] + np.arange(K)
+    w = np.maximum(0.0, 1.0 - np.abs(idx - u[:, None]) / support)
+    return idx, (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def component_maxima(values: np.ndarray, labels: np.ndarray, which=None) -> List[Tuple[float, int, int]]:

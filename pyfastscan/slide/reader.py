@@ -5,8 +5,10 @@ tifffile, see tiff.py) or any object with OpenSlide's reading
 interface (``level_dimensions``, ``level_downsamples``, ``read_region``, ``properties``),
 so tiffslide or cuCIM users can pass theirs.
 """
+import contextlib
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -33,6 +35,8 @@ class Slide:
     handle: Any
     name: str
     mpp: float
+    path: Optional[str] = None  # the file, when opened from one (read_level reads its TIFF pages)
+    _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def dimensions(self) -> Tuple[int, int]:
@@ -53,15 +57,26 @@ class Slide:
     def read(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
         """RGB uint8 (h, w, 3) of the region whose top-left corner is (x, y) in level-0
         pixels, w x h pixels of ``level``; transparent (unscanned) pixels become white."""
-        try:
+        with self._reading(x, y, w, h, level):
             region = np.asarray(self.handle.read_region((int(x), int(y)), level, (int(w), int(h))))
+        return self._composite(region, w, h, level)
+
+    @contextlib.contextmanager
+    def _reading(self, x, y, w: int, h: int, level: int, where: str = ""):
+        """Turn a reader's exception (a reader may raise anything: OpenSlideError for a
+        corrupt JPEG tile, ...) into a SlideError naming the slide and the region."""
+        try:
+            yield
         except PyfastscanError:
             raise
         except MemoryError:
             raise SlideError(f"{self.name}: a {w} x {h} px region of level {level} does not fit in memory") from None
-        except Exception as exc:  # a reader may raise anything: OpenSlideError for a corrupt JPEG tile, ...
-            raise SlideError(f"{self.name}: cannot read the {w} x {h} px region at ({x}, {y}) of level {level}: "
+        except Exception as exc:
+            raise SlideError(f"{self.name}: cannot read the {w} x {h} px region at ({x}, {y}){where} of level {level}: "
                              f"{type(exc).__name__}: {exc}") from None
+
+    def _composite(self, region: np.ndarray, w: int, h: int, level: int) -> np.ndarray:
+        """RGB of a reader's (h, w, 3 or 4) uint8 region, checked; transparent pixels on white."""
         if region.ndim != 3 or region.shape[:2] != (int(h), int(w)) or region.dtype != np.uint8:
             raise SlideError(f"{self.name}: the reader returned {region.dtype} {region.shape} for a {w} x {h} px "
                              f"region of level {level}, not uint8 ({h}, {w}, 3 or 4)")
@@ -79,6 +94,56 @@ class Slide:
         # boolean indexing of the non-opaque pixels is ~20x slower on long rows
         w = alpha[..., None].astype(np.uint16)
         return ((rgb * w + 255 * (255 - w) + 127) // 255).astype(np.uint8)
+
+    def read_level(self, lx: int, ly: int, w: int, h: int, level: int) -> np.ndarray:
+        """RGB uint8 (h, w, 3): the pixels [lx, lx + w) x [ly, ly + h) of ``level`` in that
+        level's own coordinates, as stored, so that a pixel is the same whichever region
+        reads it. OpenSlide takes level-0 locations and bilinearly resamples a level whose
+        downsample is not an integer (2.0017 for a 1501 px wide TIFF) by the fraction the
+        location falls between its pixels; such levels of a TIFF are read with tifffile
+        (:class:`~pyfastscan.slide.tiff.TiffFileSlide`) instead. Where that is not possible
+        (another format), the level is read in blocks of ``LEVEL_BLOCK`` pixels at fixed
+        origins, so each pixel still has one value, OpenSlide's."""
+        ds = float(self.handle.level_downsamples[level])
+        if level == 0 or ds.is_integer():
+            return self.read(int(lx * ds), int(ly * ds), w, h, level)
+        exact = self._exact_level_reader(level)
+        if exact is not None:
+            with self._reading(lx, ly, w, h, level, " (level pixels)"):
+                region = exact.read_level(exact_level_index(exact, self.handle, level), lx, ly, w, h)
+            return self._composite(region, w, h, level)
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        B = LEVEL_BLOCK
+        for by in range(ly // B, (ly + h - 1) // B + 1):
+            for bx in range(lx // B, (lx + w - 1) // B + 1):
+                block = self.read(int(round(bx * B * ds)), int(round(by * B * ds)), B, B, level)
+                y0, y1 = max(ly, by * B), min(ly + h, (by + 1) * B)
+                x0, x1 = max(lx, bx * B), min(lx + w, (bx + 1) * B)
+                out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = block[y0 - by * B:y1 - by * B, x0 - bx * B:x1 - bx * B]
+        return out
+
+    def _exact_level_reader(self, level: int):
+        """A tifffile reader of this slide's file whose pages hold ``level`` as stored, or
+        None (not a TIFF, or its pages do not match the level)."""
+        with self._lock:  # reader threads ask at once
+            if not hasattr(self, "_exact"):
+                self._exact = self._open_exact()
+        if self._exact is None or exact_level_index(self._exact, self.handle, level) is None:
+            return None
+        return self._exact
+
+    def _open_exact(self):
+        if hasattr(self.handle, "read_level"):
+            return self.handle
+        if self.path is not None:
+            from .tiff import TiffFileSlide, is_tiff
+
+            try:
+                if is_tiff(self.path):
+                    return TiffFileSlide(self.path)
+            except Exception:  # not readable that way: read_level's block reads
+                return None
+        return None
 
     def thumbnail(self, max_side: int = 1024) -> Tuple[np.ndarray, float]:
         """(RGB image of at most ``max_side`` pixels a side, its downsample from level 0):
@@ -124,6 +189,21 @@ class Slide:
         close = getattr(self.handle, "close", None)
         if close is not None:
             close()
+        exact = getattr(self, "_exact", None)
+        if exact is not None and exact is not self.handle:
+            exact.close()
+
+
+LEVEL_BLOCK = 512  # level pixels: the fixed block grid of Slide.read_level's fallback
+
+
+def exact_level_index(reader, handle, level: int) -> Optional[int]:
+    """The level of ``reader`` (a TiffFileSlide) with the same size as ``handle``'s ``level``."""
+    want = tuple(int(v) for v in handle.level_dimensions[level])
+    for i, dims in enumerate(reader.level_dimensions):
+        if tuple(int(v) for v in dims) == want:
+            return i
+    return None
 
 
 def _check_geometry(name: str, handle) -> None:
@@ -229,4 +309,4 @@ def open_slide(slide, mpp: Optional[float] = None, default_mpp: Optional[float] 
             handle.close()
         raise NoResolutionError(f"{name}: the slide has no resolution (no openslide.mpp-x property); pass slide_mpp= "
                          "(--slide-mpp on the command line) with its level-0 micrometres per pixel")
-    return Slide(handle, name, float(chosen))
+    return Slide(handle, name, float(chosen), None if handle is slide else name)

@@ -89,10 +89,14 @@ class TiffFileSlide:
     def read_region(self, location: Tuple[int, int], level: int, size: Tuple[int, int]) -> np.ndarray:
         """RGBA uint8 (h, w, 4) like OpenSlide: ``location`` in level-0 pixels, ``size`` in
         pixels of ``level``; outside the image is transparent (alpha 0)."""
-        page = self._pages[level]
         ds = self.level_downsamples[level]
-        w, h = int(size[0]), int(size[1])
-        lx, ly = int(location[0] // ds), int(location[1] // ds)
+        return self.read_level(level, int(location[0] // ds), int(location[1] // ds), int(size[0]), int(size[1]))
+
+    def read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        """RGBA uint8 (h, w, 4): the pixels [lx, lx + w) x [ly, ly + h) of ``level`` in its
+        own coordinates, exactly as stored (OpenSlide resamples a level whose downsample is
+        not an integer when the level-0 location falls between its pixels)."""
+        page = self._pages[level]
         out = np.zeros((h, w, 4), dtype=np.uint8)
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + w, page.imagewidth), min(ly + h, page.imagelength)
