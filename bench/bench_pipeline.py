@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -69,7 +68,7 @@ def run(path: str, readers: int = None) -> dict:
     from pyfastscan import scan_slide
     from pyfastscan.benchmark import cores, cpu_name
     from pyfastscan.pipeline.readers import default_readers
-    from pyfastscan.pipeline.scan import _read_scan_region
+    from pyfastscan.pipeline.engine import read_scan_region
     from pyfastscan.slide import open_slide
 
     readers = readers or default_readers()
@@ -77,12 +76,12 @@ def run(path: str, readers: int = None) -> dict:
     first = scan_slide(path, probe, alpha=1, roi_outputs=ROI_OUTPUTS, progress=False, precision="fp32",
                        readers=readers)
     s = open_slide(path)
-    from pyfastscan.pipeline.scan import _plan_rois
+    from pyfastscan.pipeline.engine import plan_rois
 
-    rois, _ = _plan_rois(probe.geometry, *first.heatmap.shape, ROI_OUTPUTS, first.tissue, 1.0)
+    rois, _ = plan_rois(probe.geometry, *first.heatmap.shape, ROI_OUTPUTS, first.tissue, 1.0)
 
     def work(roi):  # what a reader thread does for one ROI on the CPU (readers.RoiPipeline._load)
-        rgb = _read_scan_region(s, *roi[4:], 1.0, 0, 1.0)
+        rgb = read_scan_region(s, *roi[4:], 1.0, 0, 1.0)
         x = torch.empty((1, 3) + rgb.shape[:2])
         x[0].copy_(torch.from_numpy(rgb).permute(2, 0, 1))
         x.div_(255)

@@ -97,7 +97,7 @@ import json, sys, time
 import numpy as np, torch
 from torch import nn
 from pyfastscan import scan_slide, to_dense
-from pyfastscan.pipeline.scan import _plan_rois, _read_scan_region
+from pyfastscan.pipeline.engine import plan_rois, read_scan_region
 from pyfastscan.slide import open_slide
 
 def hwm_mb():  # peak RSS of this process image
@@ -115,8 +115,8 @@ if mode == "overhead":
     s = open_slide(path)
     g = dense.geometry
     L = first.geometry["roi_outputs"]
-    rois, _ = _plan_rois(g, *first.heatmap.shape, L, first.tissue, 1.0)
-    inputs = [torch.from_numpy(_read_scan_region(s, *r[4:], 1.0, 0, 1.0)).permute(2, 0, 1)[None].float().div_(255)
+    rois, _ = plan_rois(g, *first.heatmap.shape, L, first.tissue, 1.0)
+    inputs = [torch.from_numpy(read_scan_region(s, *r[4:], 1.0, 0, 1.0)).permute(2, 0, 1)[None].float().div_(255)
               for r in rois]
     def model_alone():
         with torch.inference_mode():

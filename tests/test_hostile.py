@@ -614,7 +614,7 @@ def test_the_budget_follows_ulimit_v(tmp_path):
     code = "import resource, os\nfrom pyfastscan.pipeline.memory import address_space_available\n" \
            "used = int([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]) * 1024\n" \
            "resource.setrlimit(resource.RLIMIT_AS, (used + (200 << 20),) * 2)\n" \
-           "from pyfastscan.pipeline.scan import memory_budget\n" \
+           "from pyfastscan.pipeline.engine import memory_budget\n" \
            "print(address_space_available(), memory_budget('cpu'))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

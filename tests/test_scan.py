@@ -314,7 +314,7 @@ def test_a_checkpoint_of_another_scan_is_refused(tmp_path):
 
 def test_auto_roi_size_is_the_largest_that_fits_the_budget():
     from pyfastscan.pipeline.readers import max_read_ahead
-    from pyfastscan.pipeline.scan import choose_roi_outputs
+    from pyfastscan.pipeline.engine import choose_roi_outputs
 
     dense = to_dense(_model(torch.float32), 2)
     g = dense.geometry
@@ -382,19 +382,19 @@ def test_level_pixels_are_read_as_stored(tmp_path):
 
 
 def test_resampled_pixels_do_not_depend_on_the_region():
-    from pyfastscan.pipeline.scan import _read_scan_region
+    from pyfastscan.pipeline.engine import read_scan_region
 
     img = np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     s = open_slide(ArraySlide(img))
     for ds in (1.37, 2.5, 0.9985):
-        whole = _read_scan_region(s, 0, 0, 120, 90, ds, 0, 1.0)
+        whole = read_scan_region(s, 0, 0, 120, 90, ds, 0, 1.0)
         for x, y, w, h in ((0, 0, 7, 5), (13, 29, 40, 31), (77, 50, 43, 40), (119, 89, 1, 1)):
-            part = _read_scan_region(s, x, y, w, h, ds, 0, 1.0)
+            part = read_scan_region(s, x, y, w, h, ds, 0, 1.0)
             assert np.array_equal(part, whole[y:y + h, x:x + w]), (ds, x, y)
     # the filter is PyTorch's antialiased bilinear away from the borders (within rounding)
     ref = torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float(), size=(120, 160),
                                           mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0)
-    got = _read_scan_region(s, 0, 0, 160, 120, 2.5, 0, 1.0).astype(np.int16)
+    got = read_scan_region(s, 0, 0, 160, 120, 2.5, 0, 1.0).astype(np.int16)
     assert np.abs(got[3:-3, 3:-3] - ref.round().numpy()[3:-3, 3:-3]).max() <= 1
 
 
@@ -404,7 +404,7 @@ def test_maps_at_different_roi_sizes_are_equal_at_every_resolution(tmp_path, whe
     reads it, so the maps at 8, 20 and auto are the same float64 sums (within the
     propagated rounding bound of each) as the patch loop over the scan-level image, with
     equal detections."""
-    from pyfastscan.pipeline.scan import _read_scan_region
+    from pyfastscan.pipeline.engine import read_scan_region
 
     path = _pyramid(tmp_path)
     s = open_slide(path)
@@ -423,7 +423,7 @@ def test_maps_at_different_roi_sizes_are_equal_at_every_resolution(tmp_path, whe
     g = to_dense(model, 2).geometry
     n_rows, n_cols = maps[0].heatmap.shape
     h, w = g.input_side(n_rows), g.input_side(n_cols)
-    image = _read_scan_region(s, 0, 0, w, h, job_ds, level, level_ds)  # the scan-level image in one read
+    image = read_scan_region(s, 0, 0, w, h, job_ds, level, level_ds)  # the scan-level image in one read
     s.close()
     x = torch.from_numpy(image).permute(2, 0, 1)[None].double() / 255
     loop = torch.softmax(patch_loop(model, x, g.patch, g.step), dim=1)[0, 1].numpy()
@@ -443,7 +443,7 @@ def test_maps_at_different_roi_sizes_are_equal_at_every_resolution(tmp_path, whe
 
 def test_auto_roi_size_takes_the_least_work():
     """Among the sizes that fit, auto takes the one computing the fewest input pixels."""
-    from pyfastscan.pipeline.scan import _plan_rois, least_work_roi_outputs
+    from pyfastscan.pipeline.engine import least_work_roi_outputs, plan_rois
     from pyfastscan.slide.tissue import TissueMask
 
     g = to_dense(_model(), 2).geometry
@@ -453,7 +453,7 @@ def test_auto_roi_size_takes_the_least_work():
     n_rows = n_cols = g.output_side(800)
 
     def work(L):
-        rois, _ = _plan_rois(g, n_rows, n_cols, L, tissue, 1.0)
+        rois, _ = plan_rois(g, n_rows, n_cols, L, tissue, 1.0)
         return sum(r.width * r.height for r in rois)
 
     chosen = least_work_roi_outputs(g, n_rows, n_cols, 64, tissue, 1.0)

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..validate import check
 from ..ops.hotspot import HotspotStats, hotspot_stats, mitotic_grade
-from ..pipeline.scan import Detection, SlideRun, component_maxima, infer_rois, open_scan
+from ..pipeline.engine import Detection, SlideRun, component_maxima, infer_rois, open_scan
 
 
 def _components(values: np.ndarray, threshold: float):
