@@ -4,7 +4,7 @@
     >>> pyfastscan.build_info()["backends"]["cpu"]["usable"]
     True
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from . import nn, ops  # noqa: E402
 from .backends import build_info  # noqa: E402

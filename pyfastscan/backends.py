@@ -14,6 +14,7 @@ is for testing, not speed. Likewise Numba CUDA kernels run without a GPU only in
 simulator (``NUMBA_ENABLE_CUDASIM=1``).
 """
 import logging
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -29,8 +30,13 @@ BACKENDS = ("torch", "cpu", "cuda", "triton", "numba")
 ENV_VAR = "PYFASTSCAN_BACKEND"
 _PRIORITY = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "numba", "torch")}
 
-_last = {}
-_warned = set()
+_last = {}  # op -> backend of its latest call: documented API, read with last_backend()
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    """Log a fallback once per process (the same message again would only repeat it)."""
+    logger.warning("%s", message)
 
 
 @dataclass(frozen=True)
@@ -137,10 +143,7 @@ def dispatch(op: str, backend: str, impls: dict, device: torch.device, *args):
             listing = "; ".join(f"{n}: {r}" for n, r in skipped)
             raise BackendUnavailableError(f"{op}: no backend can run this call ({listing})")
         for name, reason in skipped:  # a fallback is never silent
-            key = (op, name, reason)
-            if key not in _warned:
-                _warned.add(key)
-                logger.warning("%s: backend %r skipped (%s); using %r", op, name, reason, chosen)
+            _log_once(f"{op}: backend {name!r} skipped ({reason}); using {chosen!r}")
     _last[op] = chosen
     return impls[chosen].run(*args)
 
@@ -151,11 +154,7 @@ def _from_environment(op: str, impls: dict) -> str:
     if env != "auto" and env not in BACKENDS:
         raise InvalidArgumentError(f"{ENV_VAR} must be 'auto' or one of {BACKENDS}, got {env!r}")
     if env != "auto" and env not in impls:
-        key = (op, ENV_VAR, env)
-        if key not in _warned:
-            _warned.add(key)
-            logger.warning("%s: %s=%s ignored, %s has no %s backend (it has %s); using auto", op, ENV_VAR, env, op,
-                           env, ", ".join(impls))
+        _log_once(f"{op}: {ENV_VAR}={env} ignored, {op} has no {env} backend (it has {', '.join(impls)}); using auto")
         return "auto"
     return env
 
@@ -168,7 +167,7 @@ def build_info() -> dict:
         loaded, and compiler / CUDA versions or the load error) and ``backends`` (per
         backend: ``usable`` and ``reason``).
     """
-    from . import __version__
+    from ._version import __version__
 
     native = {}
     c = _native.cpu()

@@ -11,7 +11,6 @@ slide (``--slide``): the single-thread rate of the readers' work times the reade
 capped by the cores. bench/bench_pipeline.py and bench/bench_models.py use the same
 functions.
 """
-import json
 import os
 import platform
 import time
@@ -180,31 +179,3 @@ def format_bench(result: dict) -> str:
         lines.append(f"read ceiling of {r['slide']}: {r['ceiling_mpx_s']:.1f} Mpx/s "
                      f"({r['single_thread_mpx_s']:.1f} Mpx/s per thread x {r['readers']} readers, {r['cores']} cores)")
     return "\n".join(lines)
-
-
-def main(args) -> int:
-    """`pyfastscan bench` (arguments from cli.py)."""
-    from .errors import PyfastscanError
-    from .models import create
-
-    try:
-        from .cli import _arch_kwargs, _load_cli_model
-
-        if args.weights:
-            model = _load_cli_model(args)
-        else:  # random weights (speed does not depend on them), the architecture's registered grid
-            from .models import get_entry
-            from .models.files import CARD_ATTR, ModelCard
-
-            arch = args.arch or "vgg16_fcn"
-            model = create(arch, **(_arch_kwargs(args) or {}))
-            entry = get_entry(arch)
-            setattr(model, CARD_ATTR, ModelCard(arch, patch=entry.patch, stride=entry.stride))
-        result = run_bench(model, alpha=args.alpha, device=args.device, roi_outputs=args.roi_outputs,
-                           patch=args.patch, stride=args.stride, precisions=args.precision or None, slide=args.slide,
-                           repeats=args.repeats)
-    except (PyfastscanError, OSError, ValueError) as exc:
-        print(f"pyfastscan bench: {exc}")
-        return 2
-    print(json.dumps(result) if args.json else format_bench(result))
-    return 0

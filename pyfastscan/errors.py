@@ -15,3 +15,11 @@ class BackendUnavailableError(PyfastscanError, RuntimeError):
 
 class ModelOutputError(PyfastscanError, ValueError):
     """The model produced values that are not probabilities (NaN or infinity)."""
+
+
+class SlideError(PyfastscanError, ValueError):
+    """A slide that cannot be used: missing, unreadable, or without a resolution."""
+
+
+class NoResolutionError(SlideError):
+    """The slide does not say how many micrometres a pixel is."""

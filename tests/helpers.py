@@ -15,6 +15,7 @@ Tolerances are derived, not tuned (DESIGN.md 5):
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -192,3 +193,22 @@ def seeded(model, seed=0, dtype=torch.float64):
             nn.init.normal_(m.weight, 1.0, 0.2)
             nn.init.normal_(m.bias, 0, 0.2)
     return model.to(dtype).eval()
+
+
+class ArraySlide:
+    """An in-memory slide with OpenSlide's reading interface (a pyramid of 1 level)."""
+
+    def __init__(self, rgb: np.ndarray, mpp=0.5):
+        self.rgb = rgb
+        self.level_dimensions = [(rgb.shape[1], rgb.shape[0])]
+        self.level_downsamples = [1.0]
+        self.properties = {} if mpp is None else {"openslide.mpp-x": str(mpp)}
+        self.name = "array-slide"
+
+    def read_region(self, location, level, size):
+        (x, y), (w, h) = location, size
+        out = np.zeros((h, w, 4), dtype=np.uint8)  # transparent outside the image
+        src = self.rgb[max(0, y):y + h, max(0, x):x + w]
+        out[max(0, -y):max(0, -y) + src.shape[0], max(0, -x):max(0, -x) + src.shape[1], :3] = src
+        out[max(0, -y):max(0, -y) + src.shape[0], max(0, -x):max(0, -x) + src.shape[1], 3] = 255
+        return out

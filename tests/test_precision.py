@@ -60,7 +60,8 @@ def test_tf32_off_for_fp32_on_cuda_and_restored():
 
 
 def test_scan_default_runs_what_auto_says_and_reports_it(flags):
-    from test_scan import ArraySlide, _image, _model
+    from helpers import ArraySlide
+    from test_scan import _image, _model
 
     img = _image()
     for names, want in ((("amx_bf16", "amx_tile"), "bf16"), (("avx2",), "fp32")):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import network_error_bound, patch_loop
+from helpers import ArraySlide, network_error_bound, patch_loop
 from pyfastscan import InvalidArgumentError, SlideError, open_slide, scan_slide, to_dense
 from pyfastscan.dense import _flatten
 from pyfastscan.pipeline import postprocess
@@ -18,25 +18,6 @@ from pyfastscan.samples import skin_slide_path
 SVS = skin_slide_path()
 OUTPUTS = ["detections.csv", "detections.geojson", "detections.xml", "heatmap.tif", "heatmap_contours.xml",
            "overlay.png", "report.json"]
-
-
-class ArraySlide:
-    """An in-memory slide with OpenSlide's reading interface (a pyramid of 1 level)."""
-
-    def __init__(self, rgb: np.ndarray, mpp=0.5):
-        self.rgb = rgb
-        self.level_dimensions = [(rgb.shape[1], rgb.shape[0])]
-        self.level_downsamples = [1.0]
-        self.properties = {} if mpp is None else {"openslide.mpp-x": str(mpp)}
-        self.name = "array-slide"
-
-    def read_region(self, location, level, size):
-        (x, y), (w, h) = location, size
-        out = np.zeros((h, w, 4), dtype=np.uint8)  # transparent outside the image
-        src = self.rgb[max(0, y):y + h, max(0, x):x + w]
-        out[max(0, -y):max(0, -y) + src.shape[0], max(0, -x):max(0, -x) + src.shape[1], :3] = src
-        out[max(0, -y):max(0, -y) + src.shape[0], max(0, -x):max(0, -x) + src.shape[1], 3] = 255
-        return out
 
 
 def _model(dtype=torch.float64):
@@ -128,14 +109,14 @@ def test_outputs_open_in_openslide(tmp_path):
     from pyfastscan.io import rasterize, read_asap_xml
     from test_io import ndimage_islands
 
-    outline, _ = read_asap_xml(paths["contours_xml"])
+    outline = read_asap_xml(paths["contours_xml"])
     shift = np.array(res.origin_px) - res.stride_px / 2  # rasterize centres pixel (i, j) at (j + 0.5, i + 0.5) * d
     for a in outline:
         a.coords = a.coords - shift
     above = res.heatmap > 0.5
     assert above.any() and not above.all()
     assert np.array_equal(rasterize(outline, res.heatmap.shape, res.stride_px), above & ~ndimage_islands(above))
-    dots, _ = read_asap_xml(paths["detections_xml"])
+    dots = read_asap_xml(paths["detections_xml"])
     assert [tuple(d.coords[0]) for d in dots] == [(d.x, d.y) for d in res.detections]
     rows = list(csv.reader(open(paths["detections_csv"])))
     assert len(rows) == len(res.detections) and all(len(r) == 3 for r in rows)

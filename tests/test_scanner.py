@@ -12,7 +12,8 @@ from pyfastscan.models.files import CARD_ATTR, ModelCard
 from pyfastscan.patch import PatchModel
 from pyfastscan.pipeline.scanner import make_scanner
 from test_patch import _first_order_bound
-from test_scan import ArraySlide, _image, _model
+from helpers import ArraySlide
+from test_scan import _image, _model
 
 
 def _padded(width=4):

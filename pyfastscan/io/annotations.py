@@ -6,7 +6,7 @@ XML (asap.py), GeoJSON (geojson.py) and SlideRunner (sliderunner.py) read into a
 from this one type.
 """
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -43,27 +43,32 @@ def _ring(c) -> np.ndarray:
     return a
 
 
-def _crossings(rings: Iterable[np.ndarray], shape: Tuple[int, int], downsample: float) -> np.ndarray:
-    """Even-odd inside test: (H, W) bool, True where a pixel centre is inside an odd
-    number of the rings. A pixel (r, c) has its centre at ((c + 0.5) * d, (r + 0.5) * d)."""
+def _crossings(rings: Sequence[np.ndarray], shape: Tuple[int, int], downsample: float):
+    """Even-odd inside test over the rings' bounding box: (r0, c0, box) with box a bool
+    array, True where a pixel centre is inside an odd number of the rings; every pixel
+    outside the box is outside them all. A pixel (r, c) has its centre at
+    ((c + 0.5) * d, (r + 0.5) * d). Time and memory grow with the box, not the image."""
     h, w = shape
-    toggles = np.zeros((h, w + 1), dtype=np.int32)
-    for ring in rings:
-        if len(ring) < 3:
-            continue
-        p = ring / downsample - 0.5  # pixel-centre units: centre of (r, c) is (c, r)
-        a, b = p, np.roll(p, -1, axis=0)
-        for (x0, y0), (x1, y1) in zip(a, b):
-            if y0 == y1:
-                continue
-            lo, hi = min(y0, y1), max(y0, y1)
-            rows = np.arange(max(0, int(np.ceil(lo))), min(h, int(np.ceil(hi))))  # centres in [lo, hi)
-            if rows.size == 0:
-                continue
-            xs = x0 + (rows - y0) * (x1 - x0) / (y1 - y0)
-            cols = np.clip(np.ceil(xs), 0, w).astype(np.int64)  # first centre at or right of the edge
-            np.add.at(toggles, (rows, cols), 1)
-    return (np.cumsum(toggles, axis=1)[:, :w] & 1).astype(bool)
+    rings = [r / downsample - 0.5 for r in rings if len(r) >= 3]  # pixel-centre units: centre of (r, c) is (c, r)
+    if not rings:
+        return 0, 0, np.zeros((0, 0), dtype=bool)
+    allp = np.concatenate(rings)
+    r0, r1 = (int(np.clip(np.ceil(v), 0, h)) for v in (allp[:, 1].min(), allp[:, 1].max()))
+    c0, c1 = (int(np.clip(np.ceil(v), 0, w)) for v in (allp[:, 0].min(), allp[:, 0].max()))
+    # every edge of every ring at once: edge k crosses the pixel-centre rows [ceil(lo), ceil(hi))
+    a = np.concatenate(rings)
+    b = np.concatenate([np.roll(p, -1, axis=0) for p in rings])
+    a, b = a[a[:, 1] != b[:, 1]], b[a[:, 1] != b[:, 1]]  # horizontal edges cross no row
+    (x0, y0), (x1, y1) = a.T, b.T
+    first = np.clip(np.ceil(np.minimum(y0, y1)), r0, r1).astype(np.int64)
+    n = np.clip(np.ceil(np.maximum(y0, y1)), r0, r1).astype(np.int64) - first
+    edge = np.repeat(np.arange(len(n)), n)
+    rows = first[edge] + np.arange(edge.size) - np.repeat(np.cumsum(n) - n, n)
+    xs = x0[edge] + (rows - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
+    cols = np.clip(np.ceil(xs), c0, c1).astype(np.int64)  # first centre at or right of the edge
+    width = c1 - c0 + 1  # a toggle at column c1 changes nothing inside the box
+    toggles = np.bincount((rows - r0) * width + (cols - c0), minlength=(r1 - r0) * width).reshape(r1 - r0, width)
+    return r0, c0, (np.cumsum(toggles, axis=1)[:, :c1 - c0] & 1).astype(bool)
 
 
 def rasterize(annotations: Sequence[Annotation], shape: Tuple[int, int], downsample: float = 1.0,
@@ -78,10 +83,14 @@ def rasterize(annotations: Sequence[Annotation], shape: Tuple[int, int], downsam
     inc = [a for a in polys if a.group not in exclude_groups and (groups is None or a.group in groups)]
     exc = [a for a in polys if a.group in exclude_groups]
     mask = np.zeros(shape, dtype=bool)
-    for a in inc:
-        mask |= _crossings([a.coords, *a.holes], shape, downsample)
-    for a in exc:
-        mask &= ~_crossings([a.coords, *a.holes], shape, downsample)
+    for excluded, group in ((False, inc), (True, exc)):  # inclusions first, then exclusions remove
+        for a in group:
+            r0, c0, box = _crossings([a.coords, *a.holes], shape, downsample)
+            view = mask[r0:r0 + box.shape[0], c0:c0 + box.shape[1]]
+            if excluded:
+                view &= ~box
+            else:
+                view |= box
     return mask
 
 

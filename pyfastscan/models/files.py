@@ -219,7 +219,7 @@ def save_model(model: nn.Module, path, *, arch: str, arch_kwargs: Optional[dict]
     Returns:
         The :class:`ModelCard` written.
     """
-    from .. import __version__
+    from .._version import __version__
     from ..io.files import atomic_write
 
     arch_kwargs = dict(arch_kwargs or {})

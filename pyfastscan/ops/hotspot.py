@@ -26,7 +26,7 @@ from .. import _native
 from ..backends import Impl, dispatch
 from ..errors import InvalidArgumentError
 from ..reference.hotspot import grid_len, hotspot_counts_ref
-from ..slide.tissue import TissueMask
+from ..masks import TissueMask
 
 DEFAULT_AREA_MM2 = {"circle": 2.0, "rect": 2.37}  # Tellez et al.; 10 HPF of the canine dataset
 _BAND_BYTES = 64 << 20  # count rows computed at a time by hotspot_stats

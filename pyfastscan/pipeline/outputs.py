@@ -115,7 +115,7 @@ def write_overlay_png(path: str, result) -> str:
 def package_versions() -> Dict[str, str]:
     import torch
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"pyfastscan": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version()}

@@ -6,26 +6,49 @@ interface (``level_dimensions``, ``level_downsamples``, ``read_region``, ``prope
 so tiffslide or cuCIM users can pass theirs.
 """
 import contextlib
+import math
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Any, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
 
-from ..errors import PyfastscanError
+from ..errors import NoResolutionError, PyfastscanError, SlideError  # noqa: F401 (SlideError re-exported here)
 
 THUMBNAIL_BAND_BYTES = 64 << 20  # the most a thumbnail reads at once
 MAX_SIDE = 10_000_000  # px: 1 m at 0.1 um/px; a header saying more is not a slide's
-_INTERFACE = ("level_dimensions", "level_downsamples", "read_region", "properties")
 
 
-class SlideError(PyfastscanError, ValueError):
-    """A slide that cannot be used: missing, unreadable, or without a resolution."""
+@runtime_checkable
+class SlideReader(Protocol):
+    """What ``open_slide`` needs of a slide object: OpenSlide's reading interface, which
+    openslide.OpenSlide, tiffslide.TiffSlide and pyfastscan's own tifffile reader have (a
+    cuCIM CuImage needs a small adapter that exposes these four).
+
+    Attributes:
+        level_dimensions: (width, height) of each level, level 0 first.
+        level_downsamples: level-0 pixels per pixel of each level (1.0 first, increasing).
+        properties: a mapping of metadata; the level-0 resolution is read from
+            ``openslide.mpp-x``, ``tiffslide.mpp-x``, ``aperio.MPP``, cuCIM's
+            ``cucim.spacing`` (with ``cucim.spacing_units``, also nested as
+            ``{"cucim": {"spacing": ...}}``) or ``tiff.XResolution`` (with
+            ``tiff.ResolutionUnit``), in that order; or pass ``mpp=``.
+
+    ``read_region((x, y), level, (w, h))`` returns the RGBA (or RGB) pixels of the w x h
+    region of ``level`` whose top-left corner is (x, y) in level-0 pixels, as a PIL image
+    or an (h, w, 3 or 4) uint8 array. ``close()`` is optional.
+    """
+
+    level_dimensions: Sequence[Tuple[int, int]]
+    level_downsamples: Sequence[float]
+    properties: Mapping[str, Any]
+
+    def read_region(self, location: Tuple[int, int], level: int, size: Tuple[int, int]) -> Any:
+        ...
 
 
-class NoResolutionError(SlideError):
-    """The slide does not say how many micrometres a pixel is."""
+_INTERFACE = ("level_dimensions", "level_downsamples", "read_region", "properties")  # SlideReader's members
 
 
 @dataclass
@@ -59,7 +82,22 @@ class Slide:
         pixels, w x h pixels of ``level``; transparent (unscanned) pixels become white."""
         with self._reading(x, y, w, h, level):
             region = np.asarray(self.handle.read_region((int(x), int(y)), level, (int(w), int(h))))
-        return self._composite(region, w, h, level)
+        return self._white_outside(self._composite(region, w, h, level), x, y, level)
+
+    def _white_outside(self, rgb: np.ndarray, x: int, y: int, level: int) -> np.ndarray:
+        """Pixels beyond the level's extent are white, whatever the reader returns there
+        (OpenSlide: transparent, composited to white; tiffslide: opaque black)."""
+        ds = float(self.handle.level_downsamples[level])
+        lw, lh = (int(v) for v in self.handle.level_dimensions[level])
+        h, w = rgb.shape[:2]
+        lx, ly = x / ds, y / ds  # the region's origin in level pixels
+        c0, c1 = (min(w, max(0, math.ceil(v))) for v in (-lx, lw - lx))
+        r0, r1 = (min(h, max(0, math.ceil(v))) for v in (-ly, lh - ly))
+        if (c0, c1, r0, r1) == (0, w, 0, h):
+            return rgb
+        out = np.full_like(rgb, 255)  # a new array: a reader's may be read-only
+        out[r0:r1, c0:c1] = rgb[r0:r1, c0:c1]
+        return out
 
     @contextlib.contextmanager
     def _reading(self, x, y, w: int, h: int, level: int, where: str = ""):
@@ -186,7 +224,8 @@ class Slide:
         return out, w0 / tw
 
     def close(self) -> None:
-        close = getattr(self.handle, "close", None)
+        """Close what this Slide opened; a reader the caller passed in stays open (theirs)."""
+        close = getattr(self.handle, "close", None) if self.path is not None else None
         if close is not None:
             close()
         exact = getattr(self, "_exact", None)
@@ -222,14 +261,38 @@ def _check_geometry(name: str, handle) -> None:
             raise SlideError(f"{name}: level {i} has downsample {d!r} in the header: not a pyramid")
 
 
+_UM_PER_UNIT = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "\u00b5m": 1.0, "millimeter": 1e3, "mm": 1e3,
+                "nanometer": 1e-3, "nm": 1e-3}
+
+
+def _cucim_mpp(props) -> Optional[float]:
+    """um/px from cuCIM's metadata: ``spacing`` (y, x, ...) with ``spacing_units``, as
+    flat ``cucim.spacing`` keys or nested under ``cucim``."""
+    nested = props.get("cucim") if isinstance(props.get("cucim"), Mapping) else {}
+    spacing = props.get("cucim.spacing", nested.get("spacing"))
+    units = props.get("cucim.spacing_units", nested.get("spacing_units"))
+    try:
+        value, unit = float(spacing[1]), str(units[1]).lower()
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return value * _UM_PER_UNIT[unit] if unit in _UM_PER_UNIT else None
+
+
 def _mpp_from_properties(props) -> Optional[float]:
-    for key in ("openslide.mpp-x", "aperio.MPP", "tiff.XResolution"):
-        v = props.get(key) if hasattr(props, "get") else None
+    if not hasattr(props, "get"):
+        return None
+    for key in ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP", "cucim.spacing", "tiff.XResolution"):
+        if key == "cucim.spacing":
+            v = _cucim_mpp(props)
+            if v is not None and v > 0 and np.isfinite(v):
+                return v
+            continue
+        v = props.get(key)
         if v is None:
             continue
         try:
             v = float(v)
-        except ValueError:
+        except (TypeError, ValueError):
             continue
         if key == "tiff.XResolution":
             unit = props.get("tiff.ResolutionUnit", "")
@@ -272,10 +335,14 @@ def open_slide(slide, mpp: Optional[float] = None, default_mpp: Optional[float] 
 
     check_optional("mpp", mpp)
     check_optional("default_mpp", default_mpp)
-    if all(hasattr(slide, a) for a in _INTERFACE):
+    if isinstance(slide, SlideReader):
         handle, name = slide, getattr(slide, "name", type(slide).__name__)
+    elif not isinstance(slide, (str, bytes, os.PathLike)):
+        missing = ", ".join(a for a in _INTERFACE if not hasattr(slide, a))
+        raise SlideError(f"a {type(slide).__name__} object is neither a path nor a slide reader: it has no {missing} "
+                         "(see pyfastscan.slide.SlideReader for what a reader needs)")
     else:
-        path = os.fspath(slide)
+        path = os.fsdecode(slide)
         name = path
         if not os.path.exists(path):
             raise SlideError(f"{path}: no such file")
