@@ -26,8 +26,10 @@ $(DEPS): pyproject.toml
 install: $(DEPS)
 	$(PIP) install -q --no-build-isolation --no-deps .
 
+# The tests, then every docstring example (>>>) of the installed package.
 test: install
 	TRITON_INTERPRET=1 NUMBA_ENABLE_CUDASIM=1 $(BIN)/pytest $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 NUMBA_ENABLE_CUDASIM=1 $(BIN)/pytest -q --doctest-modules --pyargs pyfastscan
 
 demo: install
 	$(BIN)/pyfastscan demo

@@ -17,8 +17,8 @@ IMG = carcinoma_image()[..., :3]
 def test_candidates(benchmark, provider):
     benchmark.group = "mitosis candidates, 1000 x 1000 px, d 25 um at 0.25 um/px"
     benchmark.extra_info.update(provider=provider, megapixels=IMG.shape[0] * IMG.shape[1] / 1e6)
-    got = candidates(IMG, backend=provider)
+    got = candidates(IMG, mpp=0.25, backend=provider)
     if provider == "cpu":  # the kernel equals the reference before it is timed
-        assert np.array_equal(got, candidates(IMG, backend="torch"))
+        assert np.array_equal(got, candidates(IMG, mpp=0.25, backend="torch"))
     benchmark.extra_info["candidates"] = int(len(got))
-    benchmark.pedantic(lambda: candidates(IMG, backend=provider), rounds=3, warmup_rounds=0)
+    benchmark.pedantic(lambda: candidates(IMG, mpp=0.25, backend=provider), rounds=3, warmup_rounds=0)

@@ -6,10 +6,11 @@ import shlex
 import sys
 import warnings
 
+from ._version import __version__
+from .clihelp import ERROR_LOG, EXIT_CODES, HelpFormatter, add_command
 from .validate import cli_type
 
 CHECKPOINT = ".pyfastscan-scan.ckpt"  # in each slide's output folder while its scan runs
-ERROR_LOG = "pyfastscan-error.log"  # where an internal error's traceback is kept
 
 
 def _roi_outputs(v: str):
@@ -90,7 +91,7 @@ def _mitosis_one(slide, out, model, args, command):
     if args.region:
         from .io import read_asap_xml, read_geojson
 
-        region = read_asap_xml(args.region)[0] if args.region.lower().endswith(".xml") else read_geojson(args.region)
+        region = read_asap_xml(args.region) if args.region.lower().endswith(".xml") else read_geojson(args.region)
         region = [a for a in region if a.kind == "polygon"]
     res = detect_mitoses(slide, model, map_threshold=args.map_threshold, nms_um=args.nms_um, delta=args.delta,
                          theta=(args.theta1, args.theta2), region_mask=region or None, **_common(args))
@@ -102,11 +103,6 @@ def _mitosis_one(slide, out, model, args, command):
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-EXIT_CODES = ("exit status: 0 every slide done, 1 some slides failed (each reported on one line), "
-              "2 usage error (a bad option or weights file), 3 internal error (the traceback is in "
-              f"{ERROR_LOG} in the output folder)")
-
-
 def _internal_error(folder, where: str, exc: BaseException) -> str:
     """Keep the traceback of an unexpected exception in ``folder``/ERROR_LOG; returns the
     one line the terminal gets."""
@@ -117,7 +113,7 @@ def _internal_error(folder, where: str, exc: BaseException) -> str:
         os.makedirs(folder, exist_ok=True)
         log = os.path.join(folder, ERROR_LOG)
         with open(log, "a", encoding="utf-8") as f:
-            f.write(f"pyfastscan {__import__('pyfastscan').__version__}: {where}\n{text}\n")
+            f.write(f"pyfastscan {__version__}: {where}\n{text}\n")
         kept = f"traceback in {log}"
     except OSError:
         import tempfile
@@ -227,9 +223,9 @@ def _mark_failed(out: str, path: str, job: str, reason: str) -> None:
         pass  # the folder itself is what failed: nothing can be marked in it
 
 
-def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
-    p = sub.add_parser(name, help=help, epilog=EXIT_CODES)
-    p.add_argument("slides", nargs="+", metavar="SLIDE")
+def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int, examples):
+    p = add_command(sub, name, help=help, examples=examples)
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (anything OpenSlide or tifffile reads)")
     _model_options(p, alpha, f"default {arch} for a file that names none")
     p.set_defaults(default_arch=arch)
     p.add_argument("--out", required=True,
@@ -246,7 +242,7 @@ def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
                    help="level-0 um/px of slides that do not say their own (others keep theirs)")
     p.add_argument("--mpp", type=cli_type("mpp"), default=None,
                    help="deprecated: --scan-mpp, and --slide-mpp for slides without a resolution")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device the model runs on: cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16"), default="auto",
                    help="auto (default): bf16 on a CPU with AMX or a CUDA device of compute capability >= 8.0, "
                         "else fp32; fp32 is true fp32 on CUDA too; tf32 allows CUDA's TF32")
@@ -339,6 +335,33 @@ def _export(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    """`pyfastscan bench`: pyfastscan.benchmark.run_bench on the model the options name."""
+    from .benchmark import format_bench, run_bench
+    from .errors import PyfastscanError
+    from .models import create
+
+    try:
+        if args.weights:
+            model = _load_cli_model(args)
+        else:  # random weights (speed does not depend on them), the architecture's registered grid
+            from .models import get_entry
+            from .models.files import CARD_ATTR, ModelCard
+
+            arch = args.arch or "vgg16_fcn"
+            model = create(arch, **(_arch_kwargs(args) or {}))
+            entry = get_entry(arch)
+            setattr(model, CARD_ATTR, ModelCard(arch, patch=entry.patch, stride=entry.stride))
+        result = run_bench(model, alpha=args.alpha, device=args.device, roi_outputs=args.roi_outputs,
+                           patch=args.patch, stride=args.stride, precisions=args.precision or None, slide=args.slide,
+                           repeats=args.repeats)
+    except (PyfastscanError, OSError, ValueError) as exc:
+        print(f"pyfastscan bench: {exc}")
+        return 2
+    print(json.dumps(result) if args.json else format_bench(result))
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error on one line (the option and what it must be) and exit
     status 2; the full usage is in --help."""
@@ -347,24 +370,42 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (every subcommand), for main and for tests that walk it."""
     parser = _Parser(prog="pyfastscan", description="Fast, dense CNN inference on whole-slide images.",
-                                     epilog=EXIT_CODES)
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print what was built and which backends can run here")
+                     epilog="examples:\n  pyfastscan demo\n  pyfastscan scan slide.svs --weights model.safetensors "
+                            "--out results\n  pyfastscan SUBCOMMAND --help\n\n" + EXIT_CODES,
+                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pyfastscan {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    info = add_command(sub, "info", help="print what was built and which backends can run here",
+                       examples=["pyfastscan info", "pyfastscan info --json  # everything, for a bug report"],
+                       exit_codes="")
     info.add_argument("--json", action="store_true", help="print the full build_info() as JSON")
-    sub.add_parser("demo", help="run the demonstration on bundled / generated data")
-    models = sub.add_parser("models", help="list the registered architectures (patch, stride, parameters)")
+    demo = add_command(sub, "demo", help="run the demonstration on bundled / generated data",
+                       examples=["pyfastscan demo", "pyfastscan demo --out /tmp/demo  # results elsewhere"],
+                       exit_codes="exit status: 0 done, 1 a check failed or the output folder is not writable")
+    demo.add_argument("--out", default="pyfastscan-demo", metavar="DIR",
+                      help="folder for the test slide and the scan's outputs")
+    models = add_command(sub, "models", help="list the registered architectures (patch, stride, parameters)",
+                         examples=["pyfastscan models", "pyfastscan models --json"], exit_codes="")
     models.add_argument("--json", action="store_true", help="print the table as JSON")
     scan = _slide_job_parser(sub, "scan", "dense whole-slide scan: heat map, detections, report per slide",
-                             "vgg16_fcn", 2)
+                             "vgg16_fcn", 2, [
+                                 "pyfastscan scan slide.svs --weights model.safetensors --out results",
+                                 "pyfastscan scan slides/*.tif --weights model.safetensors --out results --resume",
+                                 "pyfastscan scan slide.svs --weights vgg.pth --arch vgg16_fcn --alpha 4 "
+                                 "--precision fp32 --out results  # a bare state dict",
+                                 "pyfastscan scan slide.svs --weights resnet.safetensors --mode patch --out results"])
     scan.add_argument("--resume", action="store_true",
                       help=f"continue an interrupted scan from the ROIs it finished (kept in OUT/{CHECKPOINT} "
                            "until the outputs are written)")
     scan.add_argument("--heatmap-float", action="store_true",
                       help="write heatmap.tif as float32 probabilities (QuPath, tifffile) instead of uint8 x 255 "
                            "(which OpenSlide and ASAP also open)")
-    mit = _slide_job_parser(sub, "mitosis", "mitoses, hotspot and grade per slide (Tellez et al.)", "tellez_cnn", 1)
+    mit = _slide_job_parser(sub, "mitosis", "mitoses, hotspot and grade per slide (Tellez et al.)", "tellez_cnn", 1, [
+        "pyfastscan mitosis slide.svs --weights tellez.safetensors --out mitoses",
+        "pyfastscan mitosis slide.svs --weights tellez.safetensors --region tumour.xml --out mitoses  # count there"])
     mit.add_argument("--map-threshold", type=cli_type("map_threshold"), default=0.8, help="map binarisation threshold (0.8)")
     mit.add_argument("--nms-um", type=cli_type("nms_um"), default=25.0, help="minimum distance between detections, um (25)")
     mit.add_argument("--delta", type=cli_type("delta"), default=0.970,
@@ -373,24 +414,32 @@ def main(argv=None) -> int:
     mit.add_argument("--theta2", type=cli_type("theta2"), default=20, help="grade 2 up to this hotspot count (20), then 3")
     mit.add_argument("--region", default=None,
                      help="count only inside these polygons (ASAP .xml or .geojson, level-0 px), e.g. the tumour")
-    bench = sub.add_parser("bench", help="cells per second of dense and patch mode in each precision, and the read "
-                                         "ceiling of a slide, on this machine")
+    bench = add_command(sub, "bench", help="cells per second of dense and patch mode in each precision, and the read "
+                                           "ceiling of a slide, on this machine", exit_codes="", examples=[
+                            "pyfastscan bench --arch demo_cnn",
+                            "pyfastscan bench --weights model.safetensors --slide slide.svs --json"])
     _model_options(bench, 2, "default vgg16_fcn with random weights when no --weights", weights_required=False)
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--device", default="cpu", help="torch device to time: cpu, cuda, ...")
     bench.add_argument("--precision", action="append", choices=("fp32", "bf16"), default=None,
                        help="precision to time (repeatable; default fp32, and bf16 where auto picks it)")
     bench.add_argument("--roi-outputs", type=cli_type("roi_outputs"), default=16, help="map cells per ROI side for dense mode (16)")
     bench.add_argument("--slide", default=None, help="also measure this slide's read ceiling")
     bench.add_argument("--repeats", type=cli_type("repeats"), default=3, help="timed calls per scanner (3; the median is reported)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
-    exp = sub.add_parser("export", help="write the dense model for a fixed ROI size as ONNX")
+    exp = add_command(sub, "export", help="write the dense model for a fixed ROI size as ONNX", exit_codes="",
+                      examples=["pyfastscan export --weights model.safetensors --roi-outputs 32 model.onnx"])
     _model_options(exp, 1, scan=False)
     exp.add_argument("--roi-outputs", type=cli_type("roi_outputs"), required=True, help="L_m': map cells per ROI side")
     exp.add_argument("--plan", choices=("minimal", "paper"), default="minimal", help="conversion plan (minimal)")
-    exp.add_argument("output", metavar="OUT.onnx")
+    exp.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
     from .eval.cli import add_parsers
 
     add_parsers(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # a usage error (2, said on stderr) or --help (0): a status, in-process too
@@ -423,15 +472,13 @@ def _run(args) -> int:
     if args.command == "demo":
         from . import demo
 
-        return demo.main()
+        return demo.main(args.out)
     if args.command == "models":
         return _models(args)
     if args.command == "export":
         return _export(args)
     if args.command == "bench":
-        from .benchmark import main as bench_main
-
-        return bench_main(args)
+        return _bench(args)
     if args.command == "scan":
         return _slides(args, _scan_one)
     if args.command == "mitosis":

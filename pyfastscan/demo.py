@@ -10,6 +10,7 @@
    false positives counted. A demonstration, not a diagnostic model.
 """
 import os
+import sys
 import time
 
 import torch
@@ -114,6 +115,14 @@ def whole_slide(out_dir: str) -> dict:
 
 
 def main(out_dir: str = "pyfastscan-demo") -> int:
+    from .errors import InvalidArgumentError
+    from .io.files import prepare_folder
+
+    try:  # before any work: an unwritable folder is said in one line, not after the scan
+        prepare_folder(out_dir)
+    except InvalidArgumentError as exc:
+        print(f"pyfastscan demo: {exc} (choose another with --out DIR)", file=sys.stderr)
+        return 1
     print(format_build_info(build_info()))
     print("\n1. The invariant (random weights): dense map == patch-by-patch map")
     r = run()

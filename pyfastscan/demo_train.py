@@ -1,7 +1,10 @@
 """Train the demo model: carcinoma (the bundled TIAToolbox patch) against skin (the bundled
 CMU slide), reproducibly, in about two minutes on a 2-core CPU.
 
-    python -m pyfastscan.demo_train [--out pyfastscan/data/demo_model.safetensors]
+    python -m pyfastscan.demo_train [--out demo_model.safetensors] [--steps 3000]
+
+It writes into the current folder by default; the copy bundled with the installed package
+(pyfastscan/data/demo_model.safetensors) is replaced only when --out names it.
 
 A small padding-free CNN (patch 38 px, stride 8 at 1 um/px), trained on 38 px crops at
 1 um/px with HED stain augmentation (pyfastscan.ops.hed_augment), blur, flips and rotations;
@@ -22,6 +25,7 @@ from torch import nn
 from .models import demo_cnn, save_model
 from .ops import hed_augment, sample_hed_params
 from .samples import CARCINOMA_MPP, DATA_DIR, carcinoma_image, skin_slide_path
+from .validate import cli_type
 
 SCAN_MPP = 1.0
 PATCH = 38
@@ -170,11 +174,16 @@ def save(model: nn.Module, path: str) -> None:
                                     "trained_by": "python -m pyfastscan.demo_train"})
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=WEIGHTS)
-    ap.add_argument("--steps", type=int, default=3000)
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", default="demo_model.safetensors",
+                    help=f"weights file to write (default: ./demo_model.safetensors; the bundled model is {WEIGHTS})")
+    ap.add_argument("--steps", type=cli_type("steps"), default=3000, help="training steps (default 3000)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     model = train(args.steps)
     save(model, args.out)
     print(f"wrote {args.out}")

@@ -905,16 +905,18 @@ class DenseModel(nn.Module):
         self._ends_with_softmax = bool(ends_with_softmax)
         # Graphs: per node (extent, spacing, channels, multiply-adds per position, input nodes).
         self._costs = costs
-        self._run = layers
 
     @property
     def ends_with_softmax(self) -> bool:
         """True when the network's last op is a Softmax over channels (the map is probabilities)."""
         return self._ends_with_softmax
 
-    def compile(self, **kwargs) -> "DenseModel":
-        """torch.compile the layers (kwargs go to torch.compile); returns self."""
-        self._run = torch.compile(self.layers, **kwargs)
+    def compile_layers(self, **kwargs) -> "DenseModel":
+        """torch.compile the layers (kwargs go to torch.compile); returns self. The input
+        checks and the crop stay eager. (``nn.Module.compile``, which compiles the whole
+        forward, is left as PyTorch defines it.) The compiled callable is kept outside the
+        module's registry, so the state dict holds each tensor once."""
+        self.__dict__["_compiled"] = torch.compile(self.layers, **kwargs)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -930,7 +932,8 @@ class DenseModel(nn.Module):
             x = F.pad(x, (0, pad[1], 0, pad[0]))
         if self.precision == "bf16":
             x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        out = self._run(x)[..., :expected[0], :expected[1]]
+        run = self.__dict__.get("_compiled")
+        out = (self.layers if run is None else run)(x)[..., :expected[0], :expected[1]]
         if tuple(out.shape[-2:]) != expected:  # cannot happen for a correct plan: fail loudly
             raise RuntimeError(f"dense map {tuple(out.shape[-2:])} != geometry {expected} ({self.plan} plan)")
         return out.float() if self.precision == "bf16" else out
@@ -1126,4 +1129,4 @@ def to_dense(model: nn.Module, alpha: int = 1, plan: str = "minimal", precision:
     elif param is not None:
         dense = dense.to(param.dtype)
     dense.requires_grad_(False).eval()
-    return dense.compile() if compile else dense
+    return dense.compile_layers() if compile else dense

@@ -145,9 +145,8 @@ def _exportable(dense: DenseModel) -> DenseModel:
     exp = copy.copy(dense)
     exp.__dict__ = dict(dense.__dict__)
     exp._parameters, exp._buffers = dict(dense._parameters), dict(dense._buffers)
-    exp._modules = {name: (layers if name in ("layers", "_run") else copy.deepcopy(m))
-                    for name, m in dense._modules.items()}
-    exp._run = layers
+    exp._modules = {name: (layers if name == "layers" else copy.deepcopy(m)) for name, m in dense._modules.items()}
+    exp.__dict__.pop("_compiled", None)  # the standard layers run eagerly
     exp.precision = "fp32"
     return exp.float().eval()
 
@@ -243,7 +242,7 @@ def export_onnx(model: nn.Module, path, *, roi_outputs: int, alpha: Optional[int
                                 dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
                                 verbose=False)
     proto = program.model_proto
-    from . import __version__
+    from ._version import __version__
 
     geometry = {"patch": geo.patch, "stride": geo.stride, "alpha": geo.alpha, "step": geo.step,
                 "input_side": side, "output_side": roi_outputs}

@@ -175,7 +175,6 @@ class PatchModel(nn.Module):
                                        f"{self.in_channels}")
         self.memory = memory if memory is not None else DEFAULT_MEMORY
         self._probe_cache = None
-        self._run = self.model
         self._batch_size = batch_size
 
     # ------------------------------------------------------------------ the probe (one patch)
@@ -259,9 +258,10 @@ class PatchModel(nn.Module):
         the patches times one patch's count (hooks on one patch)."""
         return self.geometry.output_side(side) ** 2 * self._probe()["macs"]
 
-    def compile(self, **kwargs) -> "PatchModel":
-        """torch.compile the model (kwargs go to torch.compile); returns self."""
-        self._run = torch.compile(self.model, **kwargs)
+    def compile_layers(self, **kwargs) -> "PatchModel":
+        """torch.compile the classifier (kwargs go to torch.compile); returns self. Kept
+        outside the module's registry (see :meth:`DenseModel.compile_layers`)."""
+        self.__dict__["_compiled"] = torch.compile(self.model, **kwargs)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,7 +293,8 @@ class PatchModel(nn.Module):
             for img, rows, cols, off, count in blocks:  # one strided copy per block
                 buf[off:off + count].unflatten(0, (rows.stop - rows.start, cols.stop - cols.start)).copy_(
                     view[img, :, rows, cols].permute(1, 2, 0, 3, 4))
-            y = self._run(buf[:k1 - k0])
+            run = self.__dict__.get("_compiled")
+            y = (self.model if run is None else run)(buf[:k1 - k0])
             if y.shape != (k1 - k0, classes) and y.shape != (k1 - k0, classes, 1, 1):
                 raise InvalidArgumentError(f"the model returned {tuple(y.shape)} for {k1 - k0} patches; expected "
                                            f"({k1 - k0}, {classes}) or ({k1 - k0}, {classes}, 1, 1)")

@@ -74,6 +74,7 @@ OPTIONS = {
     "step": Number(integer=True, lo=1, hi=1 << 16),  # patch mode: pixels between patches
     "side": Number(integer=True, lo=1, hi=1 << 20),  # a ROI side, pixels
     "repeats": Number(integer=True, lo=1, hi=1000),
+    "steps": Number(integer=True, lo=1, hi=10_000_000),
     "threads": Number(integer=True, lo=0, hi=4096),  # 0: torch's choice
     "memory_mib": Number(integer=True, lo=0, hi=1 << 30),  # 0: the default budget
     "memory": Number(integer=True, lo=1),  # bytes

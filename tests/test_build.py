@@ -147,3 +147,17 @@ def test_interim_demo_dense_equals_patch_loop():
     assert r["map_shape"] == (1, 2, 16, 16)  # alpha * L_m per side
     assert r["max_abs_diff"] <= 1e-12, r
     assert r["pool_backend"] == "cpu" and r["conv_backend"] == "cpu"
+
+
+def test_every_package_folder_is_declared_to_setuptools():
+    """setuptools warns ("Package would be ignored") for an importable folder that the
+    packages list leaves out, and an installed copy would lack it: every folder of
+    pyfastscan/ holding files is declared, and package data is declared on its own package."""
+    import tomllib
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(conf["packages"])
+    folders = {".".join(p.relative_to(ROOT).parts) for p in (ROOT / "pyfastscan").rglob("*")
+               if p.is_dir() and p.name != "__pycache__" and any(f.is_file() for f in p.iterdir())}
+    assert folders <= declared, f"not in [tool.setuptools] packages: {sorted(folders - declared)}"
+    assert all(not pattern.count("/") for patterns in conf["package-data"].values() for pattern in patterns)

@@ -45,6 +45,8 @@ def test_candidates_on_synthetic_dark_blobs_with_ties():
         assert last_backend("candidates") == "cpu"  # auto picks the C++ kernel
         assert np.array_equal(got, candidates(img, d_um=d_um, mpp=mpp, backend="torch"))
         _check_candidate_properties(img, got, d_um / mpp / 2)
-    assert candidates(np.full((5, 5, 3), 255, np.uint8)).shape == (0, 2)
+    assert candidates(np.full((5, 5, 3), 255, np.uint8), mpp=0.25).shape == (0, 2)
     with pytest.raises(InvalidArgumentError, match="uint8"):
-        candidates(img.astype(np.float32))
+        candidates(img.astype(np.float32), mpp=0.25)
+    with pytest.raises(TypeError, match="mpp"):  # no silent resolution: the disc's size depends on it
+        candidates(img)

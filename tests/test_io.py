@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyfastscan.io import (Annotation, AnnotationError, SlideRunnerDB, contours, rasterize, read_asap_xml,
+from pyfastscan.io import (Annotation, AnnotationError, SlideRunnerDB, contours, rasterize, read_asap_groups, read_asap_xml,
                            read_geojson, read_sliderunner_points, write_asap_xml, write_geojson)
 
 
@@ -59,7 +59,8 @@ def test_asap_round_trip(tmp_path):
             Annotation("polygon", [[10, 10], [20, 10], [20, 20]], "_2", "Annotation 1"),
             Annotation("points", [[42.0, 43.5]], "mitosis", "Dot <&> \"1\"")]
     path = write_asap_xml(tmp_path / "a.xml", anns)
-    back, groups = read_asap_xml(path)
+    back, groups = read_asap_xml(path), read_asap_groups(path)
+    assert isinstance(back, list)  # the same return type as read_geojson
     assert set(groups) == {"_0", "_2", "mitosis"}
     assert [(a.kind, a.group, a.name) for a in back] == [(a.kind, a.group, a.name) for a in anns]
     for a, b in zip(anns, back):
@@ -88,7 +89,7 @@ CAMELYON_STYLE = """<?xml version="1.0"?>
 def test_asap_orders_coordinates_and_reads_decimal_commas(tmp_path):
     p = tmp_path / "c.xml"
     p.write_text(CAMELYON_STYLE)
-    (a,), groups = read_asap_xml(p)
+    (a,), groups = read_asap_xml(p), read_asap_groups(p)
     assert a.coords.tolist() == [[0, 0], [150.5, 300], [300, 0]] and groups["_0"]["Color"] == "#ff0000"
 
 
@@ -195,7 +196,7 @@ def test_contours_round_trip_to_the_mask(tmp_path):
     m[14, :] = m[:, 13] = m[:, 28] = False  # keep the regions apart
     polys = contours(m, stride_px=16.0, origin_px=(8.0, 8.0))
     assert sum(p.group == "_2" for p in polys) >= 1
-    back, _ = read_asap_xml(write_asap_xml(tmp_path / "c.xml", polys))
+    back = read_asap_xml(write_asap_xml(tmp_path / "c.xml", polys))
     # cell (i, j) is centred at 8 + 16 * (j, i): the pixel centres of a grid of downsample 16
     got = rasterize(back, m.shape, 16.0)
     lakes = ndimage_islands(m)

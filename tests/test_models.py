@@ -43,7 +43,7 @@ def test_registry_lists_builtins_and_creates_them():
     assert net[-1].out_channels == 3 and net.conv1.out_channels == round(32 * 0.25)
     with pytest.raises(InvalidArgumentError, match="unknown architecture 'nope'.*vgg16_fcn"):
         create("nope")
-    with pytest.raises(InvalidArgumentError, match="takes \\(gamma, num_classes\\)"):
+    with pytest.raises(InvalidArgumentError, match="takes \\(num_classes, gamma\\)"):
         create("tellez_cnn", widht=2)
 
 
@@ -203,7 +203,8 @@ def test_cli_models_lists_geometry(capsys):
 
 
 def test_scan_leaves_the_callers_model_as_it_was():
-    from test_scan import ArraySlide, _image
+    from helpers import ArraySlide
+    from test_scan import _image
 
     net = _seeded(tellez_cnn(gamma=0.125)).double().train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -234,7 +235,8 @@ def test_cards_fill_the_registered_grid_and_refuse_clashing_metadata(tmp_path):
 
 
 def test_positive_class_beyond_the_outputs_is_a_clear_error():
-    from test_scan import ArraySlide, _image, _model
+    from helpers import ArraySlide
+    from test_scan import _image, _model
 
     with pytest.raises(InvalidArgumentError, match="positive_class is 5, but the model has 2 output"):
         pyfastscan.scan_slide(ArraySlide(_image()), _model(), alpha=1, positive_class=5, progress=False)

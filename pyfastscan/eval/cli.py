@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from ..clihelp import add_command
 from ..io import AnnotationError, rasterize, read_asap_xml
 from ..io.files import write_json
 from ..progress import Progress
@@ -18,9 +19,15 @@ from .froc import RATES, evaluation_mask, froc_curve, froc_score, itc_labels, sl
 
 
 def add_parsers(sub) -> None:
-    ev = sub.add_parser("evaluate", help="Camelyon16 FROC and AUC, detection F1")
-    evs = ev.add_subparsers(dest="metric", required=True)
-    froc = evs.add_parser("froc", help="Camelyon16 lesion-level FROC (the organisers' evaluation)")
+    done = "exit status: 0 done, 2 bad input (said on stderr)"
+    ev = add_command(sub, "evaluate", help="Camelyon16 FROC and AUC, detection F1", exit_codes=done, examples=[
+        "pyfastscan evaluate froc --pred results --gt ground_truth --json froc.json",
+        "pyfastscan evaluate auc --pred results --labels reference.csv",
+        "pyfastscan evaluate f1 --pred mitoses/mitoses.csv --gt truth.sqlite --slide 7 --radius-um 7.5 --mpp 0.25"])
+    evs = ev.add_subparsers(dest="metric", required=True, metavar="METRIC")
+    froc = add_command(evs, "froc", help="Camelyon16 lesion-level FROC (the organisers' evaluation)", exit_codes=done,
+                       examples=["pyfastscan evaluate froc --pred results --gt ground_truth --json froc.json",
+                                 "pyfastscan evaluate froc --pred results --gt masks --level 5 --plot froc.png"])
     froc.add_argument("--pred", required=True, help="folder of NAME.csv or NAME/detections.csv (scan outputs)")
     froc.add_argument("--gt", required=True,
                       help="folder of NAME.xml (ASAP) or NAME_Mask.tif ground truth; slides without one are normal")
@@ -34,11 +41,15 @@ def add_parsers(sub) -> None:
                       help="how sensitivity is read between curve points (default linear, see pyfastscan.eval.froc)")
     froc.add_argument("--json", default=None, help="write the results as JSON here")
     froc.add_argument("--plot", default=None, help="FROC curve PNG (default: froc.png beside --json, or here)")
-    auc = evs.add_parser("auc", help="slide-level ROC AUC (slide score: maximum of the heat map)")
+    auc = add_command(evs, "auc", help="slide-level ROC AUC (slide score: maximum of the heat map)", exit_codes=done,
+                      examples=["pyfastscan evaluate auc --pred results --labels reference.csv --json auc.json"])
     auc.add_argument("--pred", required=True, help="folder of scan outputs or NAME.csv detections")
     auc.add_argument("--labels", required=True, help="CSV of name,label (Tumor/Normal or 1/0)")
-    auc.add_argument("--json", default=None)
-    f1 = evs.add_parser("f1", help="detection F1 with one-to-one matching within a radius")
+    auc.add_argument("--json", default=None, help="write the results as JSON here")
+    f1 = add_command(evs, "f1", help="detection F1 with one-to-one matching within a radius", exit_codes=done,
+                     examples=["pyfastscan evaluate f1 --pred mitoses/mitoses.csv --gt truth.csv --radius-px 30",
+                               "pyfastscan evaluate f1 --pred mitoses/mitoses.csv --gt truth.sqlite --slide 7 "
+                               "--radius-um 7.5 --mpp 0.25"])
     f1.add_argument("--pred", required=True, help="detections: CSV, GeoJSON or ASAP XML")
     f1.add_argument("--gt", required=True, help="ground-truth points: CSV, GeoJSON, ASAP XML or SlideRunner database")
     f1.add_argument("--slide", default=None, help="slide (filename or uid) in a SlideRunner database")
@@ -49,7 +60,7 @@ def add_parsers(sub) -> None:
     f1.add_argument("--mpp", type=cli_type("mpp"), default=None, help="level-0 um/px, for --radius-um")
     f1.add_argument("--threshold", type=cli_type("f1_threshold"), default=None,
                     help="keep detections with probability >= this for the F1 line (default: all)")
-    f1.add_argument("--json", default=None)
+    f1.add_argument("--json", default=None, help="write the results as JSON here")
 
 
 def main(args) -> int:
@@ -101,7 +112,7 @@ def _ground_truth(gt: str, name: str, csv_path: str, args) -> Optional[np.ndarra
     tif = next((p for p in (os.path.join(gt, name + s) for s in ("_Mask.tif", "_mask.tif")) if os.path.isfile(p)), None)
     if os.path.isfile(xml):
         w, h = _slide_size(name, csv_path, args.slides)
-        anns, _ = read_asap_xml(xml)
+        anns = read_asap_xml(xml)
         return rasterize(anns, (math.ceil(h / d), math.ceil(w / d)), float(d))
     if tif:
         import openslide

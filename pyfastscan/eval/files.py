@@ -66,7 +66,7 @@ def read_points(path: str, slide: Optional[str] = None, cls: Optional[str] = Non
     if ext in (".geojson", ".json"):
         anns = read_geojson(path)
     elif ext == ".xml":
-        anns, _ = read_asap_xml(path)
+        anns = read_asap_xml(path)
     elif ext in (".sqlite", ".db", ".sqlite3"):
         if slide is None:
             raise AnnotationError(f"{path}: a SlideRunner database needs the slide to read (--slide)")

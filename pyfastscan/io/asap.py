@@ -29,11 +29,22 @@ _POLYGON = ("polygon", "rectangle", "spline")
 _POINTS = ("dot", "pointset")
 
 
-def read_asap_xml(path, max_bytes: int = MAX_BYTES) -> Tuple[List[Annotation], Dict[str, dict]]:
-    """(annotations, groups): annotations in file order with their coordinates sorted by
-    ``Order``; groups maps a group name to its attributes (``PartOfGroup``, ``Color``).
+def read_asap_xml(path, max_bytes: int = MAX_BYTES) -> List[Annotation]:
+    """The annotations of an ASAP XML file, in file order, their coordinates sorted by
+    ``Order`` (a list, like :func:`~pyfastscan.io.read_geojson`; the groups' attributes
+    come from :func:`read_asap_groups`).
 
     Raises AnnotationError naming the file and the line for malformed or hostile input."""
+    return _parse_asap(path, max_bytes)[0]
+
+
+def read_asap_groups(path, max_bytes: int = MAX_BYTES) -> Dict[str, dict]:
+    """The ``<Group>`` declarations of an ASAP XML file: group name -> its attributes
+    (``PartOfGroup``, ``Color``). Raises AnnotationError as :func:`read_asap_xml`."""
+    return _parse_asap(path, max_bytes)[1]
+
+
+def _parse_asap(path, max_bytes: int) -> Tuple[List[Annotation], Dict[str, dict]]:
     path = os.fspath(path)
     data = read_bounded(path, max_bytes)
     p = expat.ParserCreate()

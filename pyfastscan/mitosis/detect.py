@@ -140,8 +140,8 @@ class MitosisResult(SlideRun):
         return save_mitoses(self, folder, command)
 
 
-def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[float] = None, device="cpu",
-                   precision: str = "auto", plan: str = "minimal", tissue_mask=None, tissue_labels=None,
+def detect_mitoses(slide, model: nn.Module, *, alpha: Optional[int] = None, mpp: Optional[float] = None, device="cpu",
+                   precision: str = "auto", plan: Optional[str] = None, tissue_mask=None, tissue_labels=None,
                    region_mask=None, roi_outputs="auto", memory: Optional[int] = None,
                    positive_class: Optional[int] = None, mode: str = "auto", patch: Optional[int] = None,
                    stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
@@ -156,10 +156,11 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
             tissue_labels, roi_outputs, memory, positive_class, mode, patch, stride, normalize,
             batch_size, readers, progress: as :func:`scan_slide`.
             The default model is ``tellez_cnn`` (gamma 0.6) with trained weights.
-        alpha: dense factor; 1 (default) gives the network's own stride (4 px for tellez_cnn).
+        alpha: dense factor; 1 (default; a DenseModel's own) gives the network's own stride (4 px
+            for tellez_cnn).
         region_mask: optional region to count in (default: the tissue mask): a boolean
             image at any downsample (a tumour mask), or polygons (``pyfastscan.io``
-            annotations, e.g. ``read_asap_xml(path)[0]`` or ``read_geojson(path)``).
+            annotations, e.g. ``read_asap_xml(path)`` or ``read_geojson(path)``).
         map_threshold: the map binarisation threshold (0.8).
         nms_um: minimum distance between detections, in um (25 um = 100 px at 0.25 um/px).
         delta: probability a candidate needs to count as a mitosis (0.970).
@@ -178,7 +179,7 @@ def detect_mitoses(slide, model: nn.Module, *, alpha: int = 1, mpp: Optional[flo
                         tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,
                         memory=memory, readers=readers, mode=mode, patch=patch, stride=stride, normalize=normalize,
                         batch_size=batch_size, positive_class=positive_class, progress=progress, scan_mpp=scan_mpp,
-                        slide_mpp=slide_mpp, model_mpp=model_mpp)
+                        slide_mpp=slide_mpp, model_mpp=model_mpp, default_alpha=1)
         s, timings = job.slide, job.timings
         det = BandDetector(job.n_cols, map_threshold)
         band, band_row0 = None, -1

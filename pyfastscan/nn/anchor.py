@@ -13,7 +13,7 @@ class AnchPool2d(nn.Module):
     Example:
         >>> pool = AnchPool2d(2, anchor_stride=4, operating_distance=2, dilation=2)
         >>> pool(torch.randn(1, 8, 21, 21)).shape
-        torch.Size([1, 8, 9, 9])
+        torch.Size([1, 8, 10, 10])
     """
 
     def __init__(self, kernel_size, *, anchor_stride, operating_distance, dilation=1, mode="max", backend="auto"):

@@ -1,8 +1,12 @@
 """Mitosis candidates (Tellez et al. 2018, Sec. IV-A), to sample training candidates and
 hard negatives: discs of diameter d centred on the darkest remaining pixels.
 
-    >>> cand = pyfastscan.mitosis.candidates(rgb, d_um=25, t=0.6, mpp=0.25)   # (K, 2) x, y
-    (also pyfastscan.ops.candidates)
+    >>> import numpy as np, pyfastscan
+    >>> rgb = np.full((200, 200, 3), 230, np.uint8); rgb[50:56, 60:66] = 40; rgb[150:155, 20:25] = 60
+    >>> pyfastscan.mitosis.candidates(rgb, d_um=25, t=0.6, mpp=0.25).tolist()  # (K, 2) x, y
+    [[60, 50], [20, 150]]
+
+(also ``pyfastscan.ops.candidates``)
 
 Definition (pyfastscan/reference/candidates.py): the intensity of a pixel is the mean of
 its R, G, B (uint8) over 255. While a pixel not yet suppressed is darker than ``t``: take
@@ -20,14 +24,15 @@ from ..errors import InvalidArgumentError
 from ..reference.candidates import candidates_ref, disk_r2
 
 
-def candidates(image, d_um: float = 25.0, t: float = 0.6, mpp: float = 0.25, backend: str = "auto") -> np.ndarray:
+def candidates(image, *, mpp: float, d_um: float = 25.0, t: float = 0.6, backend: str = "auto") -> np.ndarray:
     """Mitosis candidates of an RGB image.
 
     Args:
         image: (H, W, 3) uint8 RGB, numpy or a CPU tensor.
         d_um: diameter of the suppressed disc in um (Tellez: 25 um).
         t: intensity threshold in [0, 1] on the mean of R, G, B over 255 (Tellez: 0.6).
-        mpp: micrometres per pixel of ``image``.
+        mpp: micrometres per pixel of ``image`` (required: the disc is d_um / mpp pixels
+            wide, and no resolution is right for every image).
         backend: "auto", "cpu" (C++) or "torch" (the reference loop).
     Returns:
         (K, 2) int64 (x, y) pixel positions, in the order picked (darkest first).

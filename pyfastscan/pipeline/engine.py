@@ -231,12 +231,32 @@ def resolve_scan_mpp(name: str, level0_mpp: float, scan_mpp: Optional[float], mo
     return float(chosen)
 
 
-def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: int, mpp: Optional[float], device,
-              precision: str, plan: str, tissue_mask, tissue_labels, roi_outputs, memory: Optional[int],
+def built_model_options(model: nn.Module, alpha: Optional[int], plan: Optional[str], precision: str,
+                        default_alpha: int) -> Tuple[int, str, str, Optional[str]]:
+    """(alpha, plan, precision, why the precision) to build the scanner with. A DenseModel
+    is already built: its own alpha, plan and precision are used, and one that is asked
+    for and differs is refused rather than ignored. Otherwise None means the default
+    (``default_alpha``, the "minimal" plan)."""
+    if not isinstance(model, DenseModel):
+        return (default_alpha if alpha is None else alpha), (plan or "minimal"), precision, None
+    own = dict(alpha=model.geometry.alpha, plan=model.plan, precision=model.precision)
+    same = precision == "auto" or (precision == "tf32" and own["precision"] == "fp32")  # tf32: how fp32 runs on CUDA
+    asked = dict(alpha=alpha, plan=plan, precision=None if same else precision)
+    clash = [f"{k}={asked[k]!r} (it has {own[k]!r})" for k in own if asked[k] is not None and asked[k] != own[k]]
+    if clash:
+        raise InvalidArgumentError(f"the model is a DenseModel, already built: {', '.join(clash)}; leave these "
+                                   "arguments out, or pass the nn.Module (or call to_dense again)")
+    return own["alpha"], own["plan"], (own["precision"] if precision == "auto" else precision), \
+        ("the DenseModel's own" if precision == "auto" else None)
+
+
+def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: Optional[int], mpp: Optional[float],
+              device, precision: str, plan: Optional[str], tissue_mask, tissue_labels, roi_outputs, memory: Optional[int],
               readers: Optional[int], mode: str = "auto", patch: Optional[int] = None,
               stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
               positive_class: Optional[int] = None, progress: bool = False, scan_mpp: Optional[float] = None,
-              slide_mpp: Optional[float] = None, model_mpp: Optional[float] = None) -> ScanJob:
+              slide_mpp: Optional[float] = None, model_mpp: Optional[float] = None,
+              default_alpha: int = 2) -> ScanJob:
     """Open ``slide`` (closed by ``stack`` if opened here), make the scanner (dense or
     patch mode, :func:`make_scanner`), find the tissue and plan the ROIs. Arguments as
     :func:`scan_slide`."""
@@ -257,11 +277,13 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: in
     if roi_outputs != "auto":
         check("roi_outputs", roi_outputs)
     readers = default_readers() if readers is None else check("readers", readers)
+    alpha, plan, precision, own_reason = built_model_options(model, alpha, plan, precision, default_alpha)
     check("alpha", alpha)
     check_optional("memory", memory)
     budget = memory if memory is not None else memory_budget(device)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     precision, precision_reason = resolve_precision(precision, device, None if param is None else param.dtype)
+    precision_reason = own_reason or precision_reason
     stack.enter_context(tf32_mode(device, precision == "tf32"))  # fp32 on CUDA is true fp32
     sc = make_scanner(model, mode=mode, alpha=alpha, plan=plan, precision="fp32" if precision == "tf32" else precision,
                       normalize=normalize, patch=patch, stride=stride, batch_size=batch_size,

@@ -43,8 +43,8 @@ class ScanResult(SlideRun):
         return save_result(self, folder, command, heatmap_dtype)
 
 
-def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] = None, device="cpu",
-               precision: str = "auto", plan: str = "minimal", mode: str = "auto", patch: Optional[int] = None,
+def scan_slide(slide, model: nn.Module, *, alpha: Optional[int] = None, mpp: Optional[float] = None, device="cpu",
+               precision: str = "auto", plan: Optional[str] = None, mode: str = "auto", patch: Optional[int] = None,
                stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
                tissue_mask=None, tissue_labels=None, roi_outputs="auto", memory: Optional[int] = None,
                positive_class: Optional[int] = None, threshold: float = 0.5, readers: Optional[int] = None,
@@ -61,7 +61,8 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
             to scan it), any ``nn.Module``, or a DenseModel / PatchModel. Input is RGB
             scaled to [0, 1] (then ``normalize``); its output channels are logits (a
             softmax is applied) unless its last layer is a Softmax. Not modified.
-        alpha: dense factor; the map's step is S_p / alpha pixels at the scan level.
+        alpha: dense factor; the map's step is S_p / alpha pixels at the scan level
+            (default 2; a DenseModel's own).
         mpp: deprecated, both ``scan_mpp`` and ``slide_mpp`` at once (what it meant before
             they existed).
         scan_mpp: the resolution to scan at, um/px (default: ``model_mpp``, else the
@@ -69,7 +70,8 @@ def scan_slide(slide, model: nn.Module, *, alpha: int = 2, mpp: Optional[float] 
         slide_mpp: level-0 um/px of a slide that has no resolution of its own.
         model_mpp: the resolution the model was trained at (default: what its weights file
             says); a scan resolution more than 10% away from it warns.
-        device, plan: where and how the model runs (see to_dense).
+        device, plan: where and how the model runs (see to_dense; plan default "minimal", a
+            DenseModel's own).
         precision: "auto" (bf16 on an AMX CPU or a CUDA device of compute capability 8.0+,
             else fp32; see pyfastscan.precision), "fp32" (true fp32, also on CUDA), "tf32"
             (CUDA's TF32 convolutions) or "bf16". report.json records what ran and why.
