@@ -212,3 +212,18 @@ class ArraySlide:
         out[max(0, -y):max(0, -y) + src.shape[0], max(0, -x):max(0, -x) + src.shape[1], :3] = src
         out[max(0, -y):max(0, -y) + src.shape[0], max(0, -x):max(0, -x) + src.shape[1], 3] = 255
         return out
+
+
+def unwritable_folder(tmp_path):
+    """A path no one can create a folder at: below a regular file when running as root
+    (root writes anywhere), else inside a read-only folder."""
+    import os
+
+    if os.geteuid() == 0:
+        blocker = tmp_path / "a-file"
+        blocker.write_text("x")
+        return blocker / "out"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    return ro / "out"

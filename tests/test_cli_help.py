@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import pyfastscan
+from helpers import unwritable_folder
 from pyfastscan.cli import build_parser, main
 
 
@@ -51,15 +52,7 @@ def test_version(capsys):
 
 
 def test_demo_refuses_an_unwritable_folder_in_one_line(tmp_path):
-    if os.geteuid() == 0:  # root writes everywhere: a path below a regular file cannot be created by anyone
-        target = tmp_path / "a-file"
-        target.write_text("")
-        out = target / "demo"
-    else:
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        ro.chmod(0o500)
-        out = ro / "demo"
+    out = unwritable_folder(tmp_path)
     r = subprocess.run([sys.executable, "-m", "pyfastscan", "demo", "--out", str(out)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1, r.stderr

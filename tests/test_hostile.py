@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_scan import ArraySlide, _model
+from helpers import ArraySlide, unwritable_folder
+from test_scan import _model
 
 tifffile = pytest.importorskip("tifffile")
 openslide = pytest.importorskip("openslide")
@@ -213,14 +214,7 @@ def test_a_failed_folder_is_retried_without_overwrite(tmp_path, capsys, weights)
 
 
 def test_a_read_only_folder_is_one_line(tmp_path, capsys, weights):
-    if os.geteuid() == 0:
-        blocker = tmp_path / "file"  # root writes anywhere: a file where the folder should be
-        blocker.write_text("x")
-        out = blocker / "out"
-    else:
-        out = tmp_path / "ro"
-        out.mkdir()
-        out.chmod(0o555)
+    out = unwritable_folder(tmp_path)
     status, _, err = _scan(capsys, [_slide(tmp_path / "s.tif"), _slide(tmp_path / "t.tif")], out, weights)
     assert status == 1 and err.count("FAILED") == 2 and "output folder" in err
     _no_traceback(err)

@@ -57,6 +57,18 @@ def test_stitched_map_equals_one_roi_and_the_patch_loop():
     assert np.all(np.abs(tiled.heatmap.astype(np.float64) - loop) <= 2 * bound + store)
 
 
+def _loop_and_bound(model, image: np.ndarray, g, n_rows: int, n_cols: int):
+    """The literal patch loop's positive-class map of ``image`` in float64, the propagated
+    rounding bound of each cell (network_error_bound over its patch), and the float32
+    storage rounding of each cell."""
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].double() / 255
+    loop = torch.softmax(patch_loop(model, x, g.patch, g.step), dim=1)[0, 1].numpy()
+    crops = torch.cat([x[:, :, i * g.step:i * g.step + g.patch, j * g.step:j * g.step + g.patch]
+                       for i in range(n_rows) for j in range(n_cols)])
+    bound = network_error_bound(_flatten(model), crops, torch.float64).amax(dim=1).reshape(loop.shape).numpy()
+    return loop, bound, 2.0 ** -24 * np.abs(loop)
+
+
 def test_map_does_not_depend_on_the_roi_size():
     """Cells whose patch touches no tissue are 0 whatever L_m' is (DESIGN.md 6.2); the
     others are the same float64 sums, within the propagated rounding bound of each run."""
@@ -72,12 +84,7 @@ def test_map_does_not_depend_on_the_roi_size():
     touch = np.array([[mask[max(0, int(i * g.step // ds)):int(np.ceil((i * g.step + g.patch) / ds)),
                             max(0, int(j * g.step // ds)):int(np.ceil((j * g.step + g.patch) / ds))].any()
                        for j in range(n_cols)] for i in range(n_rows)])
-    x = torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255
-    loop = torch.softmax(patch_loop(model, x, g.patch, g.step), dim=1)[0, 1].numpy()
-    crops = torch.cat([x[:, :, i * g.step:i * g.step + g.patch, j * g.step:j * g.step + g.patch]
-                       for i in range(n_rows) for j in range(n_cols)])
-    bound = network_error_bound(_flatten(model), crops, torch.float64).amax(dim=1).reshape(loop.shape).numpy()
-    store = 2.0 ** -24 * np.abs(loop)
+    loop, bound, store = _loop_and_bound(model, img, g, n_rows, n_cols)
     for res in maps:
         assert np.all(res.heatmap[~touch] == 0)
         assert np.all(np.abs(res.heatmap[touch].astype(np.float64) - loop[touch]) <= (2 * bound + store)[touch])
@@ -406,12 +413,7 @@ def test_maps_at_different_roi_sizes_are_equal_at_every_resolution(tmp_path, whe
     h, w = g.input_side(n_rows), g.input_side(n_cols)
     image = read_scan_region(s, 0, 0, w, h, job_ds, level, level_ds)  # the scan-level image in one read
     s.close()
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].double() / 255
-    loop = torch.softmax(patch_loop(model, x, g.patch, g.step), dim=1)[0, 1].numpy()
-    crops = torch.cat([x[:, :, i * g.step:i * g.step + g.patch, j * g.step:j * g.step + g.patch]
-                       for i in range(n_rows) for j in range(n_cols)])
-    bound = network_error_bound(_flatten(model), crops, torch.float64).amax(dim=1).reshape(loop.shape).numpy()
-    store = 2.0 ** -24 * np.abs(loop)
+    loop, bound, store = _loop_and_bound(model, image, g, n_rows, n_cols)
     on = maps[0].heatmap != 0
     assert on.any() and (~on).any()
     for m in maps:
