@@ -58,6 +58,7 @@ class Number:
 
 POSITIVE = Number(lo=0, lo_open=True)
 PROBABILITY = Number(lo=0, hi=1, hi_open=True)  # a threshold a probability must exceed
+UNIT = Number(lo=0, hi=1)  # a fraction, both ends allowed
 
 # name -> allowed values; public arguments and command-line options share the names
 # (--map-threshold is map_threshold).

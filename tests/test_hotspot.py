@@ -195,7 +195,7 @@ def test_mitotic_grade_boundaries():
     (dict(points_xy=[[2000.0, 5.0]]), "outside the slide"),
     (dict(points_xy=[[float("nan"), 5.0]]), "NaN"),
     (dict(points_xy=[[1.0, 2.0, 3.0]]), r"shape \(D, 2\)"),
-    (dict(mpp=0.0), "mpp must be a positive"),
+    (dict(mpp=0.0), "mpp must be a number > 0, got 0.0"),
     (dict(mpp=float("nan")), "mpp"),
     (dict(area_mm2=-1.0), "area_mm2"),
     (dict(step_um=0), "step_um"),

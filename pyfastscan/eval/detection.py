@@ -15,6 +15,7 @@ from typing import Tuple
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from ..validate import POSITIVE, check
 
 
 @dataclass
@@ -46,8 +47,7 @@ def match(detections, truths, radius: float) -> np.ndarray:
     from scipy.spatial import cKDTree
 
     d, t = _points(detections, "detections"), _points(truths, "truths")
-    if not radius > 0:
-        raise InvalidArgumentError(f"radius must be positive, got {radius!r}")
+    radius = check("radius", radius, POSITIVE)
     if len(d) == 0 or len(t) == 0:
         return np.zeros((0, 2), dtype=np.int64)
     cand = cKDTree(d).sparse_distance_matrix(cKDTree(t), radius, output_type="ndarray")

@@ -11,6 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from ..validate import POSITIVE, check
 
 # Camelyon16 ground truth: tumour polygons in groups "_0" and "_1" (and "Tumor"), and
 # "_2" (also "Exclusion") for normal tissue inside them, removed from the mask.
@@ -77,8 +78,7 @@ def rasterize(annotations: Sequence[Annotation], shape: Tuple[int, int], downsam
     when its centre lies inside a polygon (even-odd rule with its holes) of an included
     group and inside no polygon of an exclusion group. ``groups`` restricts the included
     groups (default: every group not excluded). Point annotations are ignored."""
-    if downsample <= 0:
-        raise InvalidArgumentError(f"downsample must be positive, got {downsample}")
+    downsample = check("downsample", downsample, POSITIVE)
     polys = [a for a in annotations if a.kind == "polygon"]
     inc = [a for a in polys if a.group not in exclude_groups and (groups is None or a.group in groups)]
     exc = [a for a in polys if a.group in exclude_groups]

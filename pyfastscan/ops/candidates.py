@@ -22,6 +22,7 @@ from .. import _native
 from ..backends import Impl, dispatch
 from ..errors import InvalidArgumentError
 from ..reference.candidates import candidates_ref, disk_r2
+from ..validate import POSITIVE, UNIT, check
 
 
 def candidates(image, *, mpp: float, d_um: float = 25.0, t: float = 0.6, backend: str = "auto") -> np.ndarray:
@@ -45,11 +46,7 @@ def candidates(image, *, mpp: float, d_um: float = 25.0, t: float = 0.6, backend
     img = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image)
     if img.ndim != 3 or img.shape[2] < 3 or img.dtype != np.uint8:
         raise InvalidArgumentError(f"image must be (H, W, 3) uint8 RGB, got {img.dtype} {img.shape}")
-    for name, v in (("d_um", d_um), ("mpp", mpp)):
-        if not (isinstance(v, (int, float)) and v > 0 and np.isfinite(v)):
-            raise InvalidArgumentError(f"{name} must be a positive number, got {v!r}")
-    if not (isinstance(t, (int, float)) and 0 <= t <= 1):
-        raise InvalidArgumentError(f"t must be in [0, 1], got {t!r}")
+    d_um, mpp, t = check("d_um", d_um, POSITIVE), check("mpp", mpp), check("t", t, UNIT)
     intensity = img[..., :3].astype(np.uint16).sum(axis=2, dtype=np.uint16)
     idx = dispatch("candidates", backend, _IMPLS, torch.device("cpu"), intensity, t * 765.0, disk_r2(d_um, mpp))
     w = intensity.shape[1]

@@ -27,6 +27,7 @@ from ..backends import Impl, dispatch
 from ..errors import InvalidArgumentError
 from ..reference.hotspot import grid_len, hotspot_counts_ref
 from ..masks import TissueMask
+from ..validate import POSITIVE, check
 
 DEFAULT_AREA_MM2 = {"circle": 2.0, "rect": 2.37}  # Tellez et al.; 10 HPF of the canine dataset
 _BAND_BYTES = 64 << 20  # count rows computed at a time by hotspot_stats
@@ -84,9 +85,7 @@ class _Geometry(NamedTuple):
 
 
 def _positive(name, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise InvalidArgumentError(f"{name} must be a positive finite number, got {v!r}")
-    return float(v)
+    return check(name, v, POSITIVE)
 
 
 def _geometry(slide_size, mpp, window, area_mm2, aspect, step_um) -> _Geometry:
