@@ -160,7 +160,8 @@ def _froc(args) -> int:
     from .plot import write_curve_png
 
     write_curve_png(plot, fps, sens, "average false positives per slide", "metastasis detection sensitivity",
-                    f"FROC {score:.4f} ({args.reading})", marks=RATES)
+                    f"FROC {score:.4f} ({args.reading} reading): mean sensitivity at 1/8 to 8 FPs per slide",
+                    marks=RATES, log_x=True, points=at)
     print(f"curve: {plot}")
     return 0
 
