@@ -7,12 +7,27 @@ import numpy as np
 from ..io.images import font, text_size, write_png
 
 
-def _tick_label(v: float) -> str:
+def tick_label(v: float) -> str:
     """1/8, 1/4, 1/2 for the fractions of the FROC rates, else the number."""
     f = Fraction(v).limit_denominator(64)
     if 0 < v < 1 and f.numerator == 1 and abs(float(f) - v) < 1e-12:
         return f"1/{f.denominator}"
     return f"{v:g}"
+
+
+def _clip_right(pts):
+    """The polyline (axis fraction, y) cut where it leaves the axis on the right (u > 1),
+    the crossing point interpolated."""
+    out = []
+    for k, (u, y) in enumerate(pts):
+        if u <= 1:
+            out.append((u, y))
+            continue
+        if k and pts[k - 1][0] < 1:
+            (u0, y0) = pts[k - 1]
+            out.append((1.0, y0 + (y - y0) * (1 - u0) / (u - u0)))
+        break
+    return out
 
 
 def write_curve_png(path: str, xs: Sequence[float], ys: Sequence[float], xlabel: str, ylabel: str, title: str,
@@ -21,9 +36,10 @@ def write_curve_png(path: str, xs: Sequence[float], ys: Sequence[float], xlabel:
     """Line plot of (xs, ys), y in [0, 1]; x from 0 to max(xs, marks), or with ``log_x`` a
     base-2 log axis from min(marks) to max(marks) (x below the axis drawn at its left edge,
     so the curve's start at 0 false positives shows); vertical grid lines and tick labels at
-    ``marks`` (1/8, 1/4, ... written as fractions); ``points``, the curve's y at each mark,
-    drawn as dots with their values. Tick labels never overlap: one too close to the
-    previous one is left out. Written atomically."""
+    ``marks`` (1/4, 1/2, ... written as fractions); ``points``, the curve's y at each mark,
+    drawn as dots with their values. The curve is cut where it leaves the axis on the right.
+    Tick labels never overlap: one too close to the previous one is left out. Written
+    atomically."""
     from PIL import Image, ImageDraw
 
     w, h = size
@@ -62,14 +78,15 @@ def write_curve_png(path: str, xs: Sequence[float], ys: Sequence[float], xlabel:
         x, _ = px(m, 0)
         d.line([(x, top), (x, h - bottom)], fill=(220, 220, 220))
         d.line([(x, h - bottom), (x, h - bottom + 5)], fill="black")
-        s = _tick_label(m)
+        s = tick_label(m)
         tw, _ = text_size(d, s, small)
         if x - tw / 2 > last_right + 6:  # leave out a label that would touch the previous one
             d.text((x - tw / 2, h - bottom + 8), s, fill="black", font=small)
             last_right = x + tw / 2
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     order = np.lexsort((ys, xs))  # along x, and up at equal x
-    pts = [px(x, y) for x, y in zip(xs[order], ys[order])]
+    pts = _clip_right([(float(fx(x)), float(y)) for x, y in zip(xs[order], ys[order])])
+    pts = [(left + u * (w - left - right), h - bottom - y * (h - top - bottom)) for u, y in pts]
     if len(pts) > 1:
         d.line(pts, fill=(200, 30, 30), width=2)
     if points is not None:
