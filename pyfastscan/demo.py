@@ -152,6 +152,8 @@ def main(out_dir: str = "pyfastscan-demo") -> int:
           f"{w['found']}/{len(w['boxes'])}, false positives {w['false_positives']}")
     print(f"  map cells above 0.5: {w['planted_positive']:.1%} inside the planted regions, "
           f"{w['tissue_positive']:.1%} on the skin tissue around them")
+    print("  overlay.png outlines the planted regions (the ground truth, green); a filled ring is a detection "
+          "inside one")
     print("  outputs:")
     for name, path in w["paths"].items():
         print(f"    {name:20s} {os.path.abspath(path)}")

@@ -195,7 +195,8 @@ def test_contours_geojson_gives_the_thresholded_map_back(tmp_path):
     res = _scan(img)
     above = res.heatmap > res.threshold
     assert {tuple(int(v) for v in p) for p in np.argwhere(above)} == cells
-    path = res.save(str(tmp_path / "o"))["contours_geojson"]
+    paths = res.save(str(tmp_path / "o"))
+    path = paths["contours_geojson"]
     doc = json.load(open(path))
     polys = read_geojson(path)
     assert len(polys) == 3 and sorted(len(p.holes) for p in polys) == [0, 0, 1]
@@ -207,6 +208,15 @@ def test_contours_geojson_gives_the_thresholded_map_back(tmp_path):
         a.coords = a.coords - shift
         a.holes = [h - shift for h in a.holes]
     assert np.array_equal(rasterize(polys, res.heatmap.shape, res.stride_px), above)
+    # the ASAP XML has the same rings, the hole as a polygon of exclusion group "_2": the
+    # island inside it is removed when rasterised (ASAP XML cannot say otherwise)
+    xml = read_annotations(paths["contours_xml"])
+    assert sorted(a.group for a in xml) == ["Tumor", "Tumor", "Tumor", "_2"]
+    for a in xml:
+        a.coords = a.coords - shift
+    island = np.zeros_like(above)
+    island[13, 23] = True
+    assert np.array_equal(rasterize(xml, res.heatmap.shape, res.stride_px), above & ~island)
 
 
 def test_csv_convention_and_the_evaluation_reads_what_is_written(tmp_path):

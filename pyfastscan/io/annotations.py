@@ -162,3 +162,15 @@ def contour_polygons(mask: np.ndarray, stride_px: float = 1.0, origin_px: Tuple[
             out.extend(Annotation("polygon", o, group, f"region {k}", properties=dict(props)) for o in outers)
             out.extend(Annotation("polygon", h, EXCLUSION_GROUPS[0], f"region {k} hole") for h in holes)
     return out
+
+
+def holes_as_exclusions(polygons: Sequence[Annotation], hole_group: str = EXCLUSION_GROUPS[0]) -> List[Annotation]:
+    """Polygons with holes in the form ASAP XML can hold: each hole becomes a polygon of
+    ``hole_group`` (an exclusion group, removed by :func:`rasterize`), after its outer
+    polygon. The mask rasterised from it is the same, except islands inside holes (the
+    exclusion, drawn after, removes them), as with :func:`contours`."""
+    out = []
+    for a in polygons:
+        out.append(Annotation(a.kind, a.coords, a.group, a.name, properties=dict(a.properties)))
+        out.extend(Annotation("polygon", h, hole_group, f"{a.name} hole {k}".strip()) for k, h in enumerate(a.holes))
+    return out

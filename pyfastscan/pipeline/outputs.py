@@ -29,7 +29,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..io.annotations import contour_polygons, contours, rasterize
+from ..io.annotations import contour_polygons, holes_as_exclusions, rasterize
 from ..io.asap import detections_to_annotations, write_asap_xml
 from ..io.files import prepare_folder, write_json, write_text
 from ..io.geojson import write_geojson
@@ -230,12 +230,11 @@ def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtyp
     points = detections_to_annotations(dets, "Tumor")
     paths["detections_geojson"] = write_geojson(os.path.join(folder, "detections.geojson"), points)
     paths["detections_xml"] = write_asap_xml(os.path.join(folder, "detections.xml"), points)
-    above = result.heatmap > result.threshold
-    paths["contours_geojson"] = write_geojson(
-        os.path.join(folder, "heatmap_contours.geojson"),
-        contour_polygons(above, result.stride_px, result.origin_px, group="Tumor", values=result.heatmap))
+    outline = contour_polygons(result.heatmap > result.threshold, result.stride_px, result.origin_px, group="Tumor",
+                               values=result.heatmap)
+    paths["contours_geojson"] = write_geojson(os.path.join(folder, "heatmap_contours.geojson"), outline)
     paths["contours_xml"] = write_asap_xml(os.path.join(folder, "heatmap_contours.xml"),
-                                           contours(above, result.stride_px, result.origin_px, group="Tumor"))
+                                           holes_as_exclusions(outline, "_2"))
     report = {
         "score": result.score, "n_detections": len(dets), "scan_mpp": result.scan_mpp,
         "heatmap": {"file": "heatmap.tif", "shape": [len(rows), len(cols)], "pixel_px": d,
