@@ -190,7 +190,8 @@ def _scan_folder(root, name, rows, size, score, layout="detections.csv"):
         text = "x,y,probability\n" + "".join(f"{x:.1f},{y:.1f},{p}\n" for p, x, y in rows)
     else:
         text = "".join(f"{p},{x},{y}\n" for p, x, y in rows)
-    (root / name / ("camelyon16_submission.csv" if layout.startswith("camelyon") else "detections.csv")).write_text(text)
+    file = "camelyon16_submission.csv" if layout.startswith("camelyon") else "detections.csv"
+    (root / name / file).write_text(text)
     (root / name / "report.json").write_text(json.dumps({"slide_size_px": list(size), "score": score}))
 
 

@@ -155,7 +155,8 @@ def test_non_integer_step_is_placed_within_half_a_pixel(tmp_path):
         cx, cy = (j + 0.5) * d, (i + 0.5) * d
         assert any(x - slack <= cx <= x + 8 + slack and y - slack <= cy <= y + 8 + slack for x, y in blocks), (i, j)
     for x, y in blocks:  # and each block is seen
-        assert grid[int((y + 4) // d) - 1:int((y + 4) // d) + 2, int((x + 4) // d) - 1:int((x + 4) // d) + 2].max() > 127
+        i, j = int((y + 4) // d), int((x + 4) // d)
+        assert grid[i - 1:i + 2, j - 1:j + 2].max() > 127
 
 
 def test_detections_are_qupath_detection_objects(scanned):
