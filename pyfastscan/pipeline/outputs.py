@@ -36,6 +36,11 @@ from ..io.geojson import write_geojson
 from ..io.images import colour_map, draw_colour_bar, draw_scale_bar, font, text_size, write_png, write_pyramid_tif
 
 
+def whole_step(stride_px: float) -> bool:
+    """Is the map step a whole number of level-0 pixels (to 1e-9 relative)?"""
+    return abs(stride_px - round(stride_px)) <= 1e-9 * stride_px
+
+
 def viewer_grid(stride_px: float, origin_px: Tuple[float, float], slide_size: Tuple[int, int]):
     """Where the map's cells go on a grid aligned with the slide (DESIGN.md 6.4).
 
@@ -43,17 +48,16 @@ def viewer_grid(stride_px: float, origin_px: Tuple[float, float], slide_size: Tu
     The viewer grid has pixels of D level-0 px, D = the stride if it is a whole number,
     else the stride rounded (>= 1); its pixel (i, j) covers x in [j*D, (j+1)*D), y in
     [i*D, (i+1)*D) and holds the cell whose patch centre is nearest the pixel's centre
-    ((j + 0.5) * D, (i + 0.5) * D) (a tie goes to the higher cell), 0 where no cell is that near
-    (the half patch along the slide's edges). Its size is floor(W / D) x floor(H / D):
+    ((j + 0.5) * D, (i + 0.5) * D) (a tie goes to the higher cell), 0 where no cell is
+    that near (the half patch along the slide's edges). Its size is floor(W / D) x floor(H / D):
     whole pixels only, so that ASAP's integer scale W // width is D.
 
     Returns (D, rows, cols, offset): the cell row of every grid row and the cell column of
-    every grid column (-1: none), and the level-0 offset of the held cell's patch centre
+    every grid column (outside the map's range: none), and the level-0 offset of the held cell's patch centre
     from the pixel's centre, (dx, dy): constant when D is the stride (at most D / 2), else
     the largest |offset| over the grid in both entries.
     """
-    d = float(round(stride_px)) if abs(stride_px - round(stride_px)) <= 1e-9 * stride_px else float(
-        max(1, round(stride_px)))
+    d = float(max(1, round(stride_px)))
     w, h = slide_size
     nw, nh = max(1, int(w // d)), max(1, int(h // d))
 
@@ -66,7 +70,7 @@ def viewer_grid(stride_px: float, origin_px: Tuple[float, float], slide_size: Tu
     offset = []
     for idx, centre, o in ((cols, cx, origin_px[0]), (rows, cy, origin_px[1])):
         off = o + idx * stride_px - centre
-        offset.append(float(off[0]) if d == stride_px else float(np.abs(off).max()))
+        offset.append(float(off[0]) if whole_step(stride_px) else float(np.abs(off).max()))
     return d, rows, cols, tuple(offset)
 
 
@@ -88,7 +92,7 @@ def place_on_grid(heat: np.ndarray, rows: np.ndarray, cols: np.ndarray, dtype: s
     return out
 
 
-def write_heatmap_tif(path: str, heat: np.ndarray, mpp_px: float, dtype: str = "uint8") -> str:
+def write_heatmap_tif(path: str, heat: np.ndarray, mpp_px: float) -> str:
     """An image (already on its grid) as heatmap.tif, zlib tiles, pyramid to one tile, at
     ``mpp_px`` um/px: ``uint8`` (OpenSlide, QuPath and ASAP open it) or ``float32`` (QuPath
     and tifffile read it, OpenSlide reads 8-bit images only)."""
@@ -240,7 +244,7 @@ def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtyp
         "heatmap": {"file": "heatmap.tif", "shape": [len(rows), len(cols)], "pixel_px": d,
                     "pixel_um": d * result.slide_mpp, "dtype": heatmap_dtype,
                     "values": "probability * 255" if heatmap_dtype == "uint8" else "probability",
-                    "cell_offset_px": list(offset), "exact": d == result.stride_px,
+                    "cell_offset_px": list(offset), "exact": whole_step(result.stride_px),
                     "note": "heatmap.tif pixel (i, j) covers level-0 x in [j * pixel_px, (j + 1) * pixel_px), y in "
                             "[i * pixel_px, (i + 1) * pixel_px) and holds the map cell whose patch centre is nearest "
                             "that square's centre; cell_offset_px = that patch centre minus the square's centre "
