@@ -73,15 +73,31 @@ def _scan_one(slide, out, model, args, command):
     """Scan one slide into ``out``; the checkpoint lives there until the outputs are written."""
     from . import scan_slide
 
+    truth = _truth(args.truth, slide) if args.truth else None  # a bad file fails before the scan
     ckpt = os.path.join(out, CHECKPOINT)
     res = scan_slide(slide, model, checkpoint=ckpt, resume=args.resume and os.path.exists(ckpt), **_common(args))
-    paths = res.save(out, command=command, heatmap_dtype="float32" if args.heatmap_float else "uint8")
+    paths = res.save(out, command=command, heatmap_dtype="float32" if args.heatmap_float else "uint8", truth=truth)
     os.remove(ckpt)  # the outputs are complete: nothing left to resume
     t = res.timings
     resumed = f" ({res.n_rois_resumed} from the checkpoint)" if res.n_rois_resumed else ""
     return (f"score {res.score:.4f}, {len(res.detections)} detections, {res.n_rois}/{res.n_rois_total} ROIs{resumed}, "
             f"{t['total']:.1f} s (infer {t['infer']:.1f} s, waiting for reads {t['read_wait']:.1f} s) "
             f"-> {os.path.dirname(paths['report'])}")
+
+
+def _truth(where: str, slide):
+    """The ground truth of ``slide`` for --truth: the annotation file ``where`` (a SlideRunner
+    database: this slide's entry), or in a folder ``where`` the file NAME.xml / .geojson /
+    .json named like the slide (none there: a slide without ground truth)."""
+    from .io import read_annotations
+
+    name = os.path.basename(os.fspath(getattr(slide, "path", None) or slide.name))
+    if os.path.isdir(where):
+        stem = os.path.splitext(name)[0]
+        found = [os.path.join(where, stem + e) for e in (".xml", ".geojson", ".json")]
+        found = [p for p in found if os.path.isfile(p)]
+        return read_annotations(found[0]) if found else []
+    return read_annotations(where, slide=name)
 
 
 def _mitosis_one(slide, out, model, args, command):
@@ -403,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--heatmap-float", action="store_true",
                       help="write heatmap.tif as float32 probabilities (QuPath, tifffile) instead of uint8 x 255 "
                            "(which OpenSlide and ASAP also open)")
+    scan.add_argument("--truth", default=None, metavar="FILE",
+                      help="ground truth to outline in overlay.png: an ASAP .xml, a .geojson or a SlideRunner "
+                           "database (the slide's entry), or a folder of NAME.xml / NAME.geojson named like the "
+                           "slides (default: none)")
     mit = _slide_job_parser(sub, "mitosis", "mitoses, hotspot and grade per slide (Tellez et al.)", "tellez_cnn", 1, [
         "pyfastscan mitosis slide.svs --weights tellez.safetensors --out mitoses",
         "pyfastscan mitosis slide.svs --weights tellez.safetensors --region tumour.xml --out mitoses  # count there"])

@@ -55,7 +55,7 @@ def build_test_slide(path: str, n_regions: int = 4, seed: int = 0):
     import numpy as np
 
     from .demo_train import TRAIN_FRACTION, carcinoma_at, not_glass, resize
-    from .pipeline.outputs import write_pyramid_tif
+    from .io.images import write_pyramid_tif
     from .samples import skin_slide_path
     from .slide import open_slide
 
@@ -87,15 +87,22 @@ def whole_slide(out_dir: str) -> dict:
 
     from . import load_model, scan_slide
     from .demo_train import PATCH, SCAN_MPP, WEIGHTS
+    from .io import Annotation, read_annotations, write_asap_xml
 
     os.makedirs(out_dir, exist_ok=True)
     slide_path = os.path.join(out_dir, "demo_slide.tif")
     t = time.perf_counter()
     boxes, mpp = build_test_slide(slide_path)
     t_build = time.perf_counter() - t
+    # the planted squares are the ground truth: written as ASAP XML, read back as any
+    # `pyfastscan scan --truth FILE` would be, and outlined in overlay.png
+    truth_path = write_asap_xml(os.path.join(out_dir, "demo_truth.xml"), [
+        Annotation("polygon", [[x0, y0], [x1, y0], [x1, y1], [x0, y1]], "Tumor", f"planted {k}")
+        for k, (x0, y0, x1, y1) in enumerate(boxes)])
     model = load_model(WEIGHTS)  # the file says: demo_cnn, carcinoma is class 1, trained at 1 um/px
     res = scan_slide(slide_path, model, alpha=2)
-    paths = res.save(os.path.join(out_dir, "scan"), command="pyfastscan demo")
+    paths = res.save(os.path.join(out_dir, "scan"), command="pyfastscan demo", truth=read_annotations(truth_path))
+    paths = {"truth": truth_path, **paths}
     margin = PATCH / 2 * SCAN_MPP / mpp  # a detection is a patch centre: allow half a patch
     hit = [any(b[0] - margin <= d.x <= b[2] + margin and b[1] - margin <= d.y <= b[3] + margin
                for d in res.detections) for b in boxes]
@@ -154,6 +161,8 @@ def main(out_dir: str = "pyfastscan-demo") -> int:
           f"{w['found']}/{len(w['boxes'])}, false positives {w['false_positives']}")
     print(f"  map cells above 0.5: {w['planted_positive']:.1%} inside the planted regions, "
           f"{w['tissue_positive']:.1%} on the skin tissue around them")
+    print("  overlay.png outlines the planted regions (the ground truth, green); a filled ring is a detection "
+          "inside one")
     print("  outputs:")
     for name, path in w["paths"].items():
         print(f"    {name:20s} {os.path.abspath(path)}")

@@ -178,19 +178,28 @@ def test_kappa_by_its_definition_and_spearman_against_scipy():
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic)
 
 
-def _scan_folder(root, name, rows, size, score):
-    """A scan's output folder: detections.csv (probability,x,y) and report.json."""
+def _scan_folder(root, name, rows, size, score, layout="detections.csv"):
+    """A scan's output folder and report.json, its detections in ``layout``: detections.csv
+    (x,y,probability with a header), camelyon16_submission.csv (probability,x,y, integers,
+    no header) or "legacy" (detections.csv as it was before: probability,x,y, no header)."""
     import json
     import os
 
     os.makedirs(root / name)
-    (root / name / "detections.csv").write_text("".join(f"{p},{x},{y}\n" for p, x, y in rows))
+    if layout == "detections.csv":
+        text = "x,y,probability\n" + "".join(f"{x:.1f},{y:.1f},{p}\n" for p, x, y in rows)
+    else:
+        text = "".join(f"{p},{x},{y}\n" for p, x, y in rows)
+    file = "camelyon16_submission.csv" if layout.startswith("camelyon") else "detections.csv"
+    (root / name / file).write_text(text)
     (root / name / "report.json").write_text(json.dumps({"slide_size_px": list(size), "score": score}))
 
 
-def test_cli_froc_and_auc_on_scan_outputs(tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["detections.csv", "camelyon16_submission.csv", "legacy"])
+def test_cli_froc_and_auc_on_scan_outputs(tmp_path, capsys, layout):
     """Two tumour slides (ASAP XML ground truth) and a normal one, predictions as scan
-    outputs: the CLI's FROC equals the API's on the same masks; AUC from report scores."""
+    outputs (each CSV layout a scan writes or wrote): the CLI's FROC equals the API's on
+    the same masks; AUC from report scores."""
     import json
 
     from pyfastscan.cli import main
@@ -202,9 +211,9 @@ def test_cli_froc_and_auc_on_scan_outputs(tmp_path, capsys):
     gt.mkdir()
     write_asap_xml(gt / "tumor_001.xml", [lesion])
     write_asap_xml(gt / "tumor_002.xml", [lesion])
-    _scan_folder(pred, "tumor_001", [(0.9, 2000, 2000), (0.7, 100, 100), (0.3, 2100, 2000)], size, 0.95)
-    _scan_folder(pred, "tumor_002", [(0.6, 6000, 6000)], size, 0.6)
-    _scan_folder(pred, "normal_001", [(0.8, 50, 50), (0.2, 70, 70)], size, 0.8)
+    _scan_folder(pred, "tumor_001", [(0.9, 2000, 2000), (0.7, 100, 100), (0.3, 2100, 2000)], size, 0.95, layout)
+    _scan_folder(pred, "tumor_002", [(0.6, 6000, 6000)], size, 0.6, layout)
+    _scan_folder(pred, "normal_001", [(0.8, 50, 50), (0.2, 70, 70)], size, 0.8, layout)
     out = tmp_path / "res" / "froc.json"
     out.parent.mkdir()
     assert main(["evaluate", "froc", "--pred", str(pred), "--gt", str(gt), "--json", str(out)]) == 0
@@ -226,7 +235,7 @@ def test_cli_froc_and_auc_on_scan_outputs(tmp_path, capsys):
     assert [s["hit"] for s in res["slides"]] == [0, 1, 0]
     # the same ground truth as Camelyon16 mask TIFs (255 = tumour, pyramid down to level 5)
     # gives the same curve
-    from pyfastscan.pipeline.outputs import write_pyramid_tif
+    from pyfastscan.io.images import write_pyramid_tif
 
     gt2 = tmp_path / "gt_masks"
     gt2.mkdir()

@@ -18,8 +18,8 @@ openslide = pytest.importorskip("openslide")
 
 from pyfastscan.cli import main  # noqa: E402
 
-OUTPUTS = ("detections.csv", "detections.geojson", "detections.xml", "heatmap.tif", "heatmap_contours.xml",
-           "overlay.png", "report.json")
+OUTPUTS = ("camelyon16_submission.csv", "detections.csv", "detections.geojson", "detections.xml", "heatmap.tif",
+           "heatmap_contours.geojson", "heatmap_contours.xml", "overlay.png", "report.json")
 
 
 def _tiled(path, img, mpp=0.5, compression="jpeg", **kw):

@@ -81,7 +81,7 @@ BLOBS = [(500, 500, 0.0), (560, 500, 0.01), (1500, 700, 0.0), (1512, 709, 0.004)
 
 
 def _slide(tmp_path):
-    from pyfastscan.pipeline.outputs import write_pyramid_tif
+    from pyfastscan.io.images import write_pyramid_tif
 
     patch = carcinoma_image()[..., :3]
     img = np.tile(patch, (3, 3, 1))[:3000, :3000].copy()

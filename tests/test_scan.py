@@ -16,8 +16,8 @@ from pyfastscan.pipeline import postprocess
 from pyfastscan.samples import skin_slide_path
 
 SVS = skin_slide_path()
-OUTPUTS = ["detections.csv", "detections.geojson", "detections.xml", "heatmap.tif", "heatmap_contours.xml",
-           "overlay.png", "report.json"]
+OUTPUTS = ["camelyon16_submission.csv", "detections.csv", "detections.geojson", "detections.xml", "heatmap.tif",
+           "heatmap_contours.geojson", "heatmap_contours.xml", "overlay.png", "report.json"]
 
 
 def _model(dtype=torch.float64):
@@ -100,6 +100,21 @@ def test_background_rois_are_skipped_and_zero():
     assert res.heatmap[0, 0] == 0.0 and res.heatmap[28:40, 25:40].min() > 0
 
 
+def _on_slide_grid(res) -> np.ndarray:
+    """What heatmap.tif holds (tests/test_outputs_viewers.py checks the geometry through the
+    files): pixels of D = stride_px level-0 px (a whole number in these tests), the slide's
+    size in whole pixels, the map shifted by the whole cells of its half-patch origin (pixel
+    j holds the cell nearest its centre, j - k), 0 where no cell is."""
+    d = res.stride_px
+    assert d == round(d)
+    w, h = (int(v // d) for v in res.slide_size)
+    k = -int(np.floor((0.5 * d - res.origin_px[0]) / d + 0.5))
+    placed = np.zeros((h, w), dtype=res.heatmap.dtype)
+    n_r, n_c = min(h - k, res.heatmap.shape[0]), min(w - k, res.heatmap.shape[1])
+    placed[k:k + n_r, k:k + n_c] = res.heatmap[:n_r, :n_c]
+    return placed
+
+
 def test_outputs_open_in_openslide(tmp_path):
     openslide = pytest.importorskip("openslide")
     img = np.tile(_image(), (4, 4, 1))  # a map larger than one 256 px tile in one level
@@ -107,10 +122,11 @@ def test_outputs_open_in_openslide(tmp_path):
     paths = res.save(str(tmp_path / "out"), command="test")
     assert sorted(os.listdir(tmp_path / "out")) == OUTPUTS
     with openslide.OpenSlide(paths["heatmap"]) as hm:
-        assert hm.dimensions == (res.heatmap.shape[1], res.heatmap.shape[0])
+        placed = _on_slide_grid(res)
+        assert hm.dimensions == (placed.shape[1], placed.shape[0])
         assert float(hm.properties["openslide.mpp-x"]) == pytest.approx(res.stride_px * 0.5, rel=1e-4)
         region = np.asarray(hm.read_region((0, 0), 0, hm.dimensions))[..., 0]
-        assert np.array_equal(region, np.clip(np.rint(res.heatmap * 255), 0, 255).astype(np.uint8))
+        assert np.array_equal(region, np.clip(np.rint(placed * 255), 0, 255).astype(np.uint8))
         assert hm.level_count >= 2
     # the contours, read back and drawn on the map's grid, are the thresholded map
     from pyfastscan.io import rasterize, read_asap_xml
@@ -126,9 +142,13 @@ def test_outputs_open_in_openslide(tmp_path):
     dots = read_asap_xml(paths["detections_xml"])
     assert [tuple(d.coords[0]) for d in dots] == [(d.x, d.y) for d in res.detections]
     rows = list(csv.reader(open(paths["detections_csv"])))
-    assert len(rows) == len(res.detections) and all(len(r) == 3 for r in rows)
+    assert rows[0] == ["x", "y", "probability"]
+    assert len(rows) == len(res.detections) + 1 and all(len(r) == 3 for r in rows)
+    sub = list(csv.reader(open(paths["camelyon16_csv"])))  # the official layout: no header, integers
+    assert [(float(p), int(x), int(y)) for p, x, y in sub] == [
+        (pytest.approx(d.probability, abs=1e-6), round(d.x), round(d.y)) for d in res.detections]
     geo = json.load(open(paths["detections_geojson"]))
-    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == len(rows)
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == len(res.detections)
     report = json.load(open(paths["report"]))
     assert report["score"] == pytest.approx(float(res.heatmap.max()))
     assert report["model_geometry"]["alpha"] == 4 and report["command"] == "test"
@@ -137,7 +157,8 @@ def test_outputs_open_in_openslide(tmp_path):
 
 
 def test_float_heatmap(tmp_path):
-    """heatmap_dtype="float32": the probabilities themselves at level 0, 2 x 2 means above."""
+    """heatmap_dtype="float32": the probabilities themselves at level 0 (on the slide's
+    grid), 2 x 2 means above."""
     import tifffile
 
     res = scan_slide(ArraySlide(np.tile(_image(), (4, 4, 1))), _model(torch.float32), alpha=4, progress=False)
@@ -145,9 +166,10 @@ def test_float_heatmap(tmp_path):
     with tifffile.TiffFile(path) as t:
         level0, level1 = t.pages[0].asarray(), t.pages[1].asarray()
         assert t.pages[0].is_tiled and len(t.pages) >= 2
-    assert level0.dtype == np.float32 and np.array_equal(level0, res.heatmap)
-    h, w = (s // 2 * 2 for s in res.heatmap.shape)
-    halves = res.heatmap[:h, :w].reshape(h // 2, 2, w // 2, 2)
+    placed = _on_slide_grid(res)
+    assert level0.dtype == np.float32 and np.array_equal(level0, placed)
+    h, w = (s // 2 * 2 for s in placed.shape)
+    halves = placed[:h, :w].reshape(h // 2, 2, w // 2, 2)
     expected = (((halves[:, 0, :, 0] + halves[:, 1, :, 0]) + (halves[:, 0, :, 1] + halves[:, 1, :, 1])) / 4)
     assert np.array_equal(level1, expected.astype(np.float32))
     with pytest.raises(InvalidArgumentError, match="uint8"):
@@ -341,7 +363,7 @@ def test_demo_builds_a_real_pyramidal_slide_and_scans_it(tmp_path):
 def _pyramid(tmp_path):
     """A lossless 3-level TIFF whose level 1 has a non-integer downsample (601 / 300):
     OpenSlide resamples such a level when a read falls between its pixels."""
-    from pyfastscan.pipeline.outputs import write_pyramid_tif
+    from pyfastscan.io.images import write_pyramid_tif
     from pyfastscan.samples import carcinoma_image
 
     img = np.full((451, 601, 3), 240, dtype=np.uint8)

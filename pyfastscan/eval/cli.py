@@ -168,10 +168,12 @@ def _froc(args) -> int:
     if args.json:
         write_json(args.json, result, indent=2)
     plot = args.plot or os.path.join(os.path.dirname(args.json) or "." if args.json else ".", "froc.png")
-    from .plot import write_curve_png
+    from .plot import tick_label, write_curve_png
 
     write_curve_png(plot, fps, sens, "average false positives per slide", "metastasis detection sensitivity",
-                    f"FROC {score:.4f} ({args.reading})", marks=RATES)
+                    f"FROC {score:.4f} ({args.reading} reading): mean sensitivity at "
+                    f"{', '.join(tick_label(r) for r in RATES)} FPs per slide",
+                    marks=RATES, log_x=True, points=at)
     print(f"curve: {plot}")
     return 0
 

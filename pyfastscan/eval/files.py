@@ -2,13 +2,16 @@
 mitosis jobs write and the challenges distribute.
 
 Predictions of a slide ``NAME`` in a folder: ``NAME.csv`` (Camelyon16 submission:
-``probability,x,y`` per line, no header) or ``NAME/detections.csv`` (a scan's output
-folder, whose ``report.json`` also gives the slide score and size).
+``probability,x,y`` per line, no header) or a scan's output folder ``NAME/`` holding
+``detections.csv`` (``x,y,probability`` with a header; until this release it was headerless
+``probability,x,y``, still read) or ``camelyon16_submission.csv``; its ``report.json``
+also gives the slide score and size.
 
 Point files: CSV with a header naming ``x``, ``y`` and optionally ``probability`` (or
 ``prob``, ``score``) columns; a headerless 3-column CSV is ``probability,x,y`` (Camelyon16)
-and a 2-column one ``x,y``; GeoJSON points (probability from the ``probability``
-property); ASAP XML dots; a SlideRunner database (with the slide and class to read).
+and a 2-column one ``x,y``; GeoJSON points (probability from the QuPath measurement
+``probability``, else the ``probability`` property); ASAP XML dots; a SlideRunner database
+(with the slide and class to read).
 """
 import csv
 import json
@@ -78,7 +81,12 @@ def read_points(path: str, slide: Optional[str] = None, cls: Optional[str] = Non
     for a in anns:
         if a.kind != "points":
             continue
-        p = a.properties.get("probability")
+        m = a.properties.get("measurements")
+        p = m.get("probability") if isinstance(m, dict) else None  # QuPath 0.4+ measurements
+        if p is None and isinstance(m, list):  # QuPath before 0.4: [{"name": ..., "value": ...}]
+            p = next((e.get("value") for e in m if isinstance(e, dict) and e.get("name") == "probability"), None)
+        if p is None:
+            p = a.properties.get("probability")
         if p is None:
             p = 1.0  # points without a probability all count
         elif isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
@@ -91,7 +99,8 @@ def read_points(path: str, slide: Optional[str] = None, cls: Optional[str] = Non
 
 
 def prediction_files(folder: str) -> Dict[str, str]:
-    """Slide name -> its detections CSV in ``folder`` (NAME.csv or NAME/detections.csv)."""
+    """Slide name -> its detections CSV in ``folder`` (NAME.csv, NAME/detections.csv or
+    NAME/camelyon16_submission.csv)."""
     if not os.path.isdir(folder):
         raise AnnotationError(f"{folder}: no such folder")
     out = {}
@@ -99,15 +108,20 @@ def prediction_files(folder: str) -> Dict[str, str]:
         p = os.path.join(folder, entry)
         if entry.lower().endswith(".csv") and os.path.isfile(p):
             out[entry[:-4]] = p
-        elif os.path.isfile(os.path.join(p, "detections.csv")):
-            out[entry] = os.path.join(p, "detections.csv")
+        else:
+            found = next((os.path.join(p, n) for n in SCAN_CSVS if os.path.isfile(os.path.join(p, n))), None)
+            if found:
+                out[entry] = found
     return out
 
 
+SCAN_CSVS = ("detections.csv", "camelyon16_submission.csv")  # what a scan's folder holds, in preference
+
+
 def scan_report(detections_csv: str) -> Optional[dict]:
-    """The report.json beside a scan's detections.csv, if there is one."""
+    """The report.json beside a scan's detections CSV, if there is one."""
     p = os.path.join(os.path.dirname(detections_csv), "report.json")
-    if os.path.basename(detections_csv) != "detections.csv" or not os.path.isfile(p):
+    if os.path.basename(detections_csv) not in SCAN_CSVS or not os.path.isfile(p):
         return None
     try:
         return json.loads(read_bounded(p, 16 << 20))

@@ -1,40 +1,108 @@
 """A curve as a PNG with Pillow only (no plotting library needed)."""
-from typing import Sequence
+from fractions import Fraction
+from typing import Optional, Sequence
 
 import numpy as np
 
-from ..io.files import atomic_write
+from ..io.images import font, text_size, write_png
+
+
+def tick_label(v: float) -> str:
+    """1/8, 1/4, 1/2 for the fractions of the FROC rates, else the number."""
+    f = Fraction(v).limit_denominator(64)
+    if 0 < v < 1 and f.numerator == 1 and abs(float(f) - v) < 1e-12:
+        return f"1/{f.denominator}"
+    return f"{v:g}"
+
+
+def _clip_right(pts):
+    """The polyline (axis fraction, y) cut where it leaves the axis on the right (u > 1),
+    the crossing point interpolated."""
+    out = []
+    for k, (u, y) in enumerate(pts):
+        if u <= 1:
+            out.append((u, y))
+            continue
+        if k and pts[k - 1][0] < 1:
+            (u0, y0) = pts[k - 1]
+            out.append((1.0, y0 + (y - y0) * (1 - u0) / (u - u0)))
+        break
+    return out
 
 
 def write_curve_png(path: str, xs: Sequence[float], ys: Sequence[float], xlabel: str, ylabel: str, title: str,
-                    marks: Sequence[float] = (), size=(640, 480)) -> str:
-    """Line plot of (xs, ys), y in [0, 1], x from 0 to max(xs, marks); vertical ticks at
-    ``marks``; written atomically."""
+                    marks: Sequence[float] = (), size=(720, 500), log_x: bool = False,
+                    points: Optional[Sequence[float]] = None) -> str:
+    """Line plot of (xs, ys), y in [0, 1]; x from 0 to max(xs, marks), or with ``log_x`` a
+    base-2 log axis from min(marks) to max(marks) (x below the axis drawn at its left edge,
+    so the curve's start at 0 false positives shows); vertical grid lines and tick labels at
+    ``marks`` (1/4, 1/2, ... written as fractions); ``points``, the curve's y at each mark,
+    drawn as dots with their values. The curve is cut where it leaves the axis on the right.
+    Tick labels never overlap: one too close to the previous one is left out. Written
+    atomically."""
     from PIL import Image, ImageDraw
 
     w, h = size
-    left, right, top, bottom = 70, 20, 40, 50
+    fnt, small = font(14), font(12)
+    left, right, top, bottom = 78, 24, 44, 64
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-    xmax = max(float(xs.max(initial=0)), max(marks, default=0), 1e-9)
+    marks = [float(m) for m in marks]
+    if log_x:
+        if not marks or min(marks) <= 0:
+            raise ValueError("a log x axis needs positive marks to span")
+        lo, hi = np.log2(min(marks)), np.log2(max(marks))
+
+        def fx(x):
+            return (np.log2(np.maximum(x, 2.0 ** lo)) - lo) / max(hi - lo, 1e-9)
+    else:
+        xmax = max(float(xs.max(initial=0)), max(marks, default=0), 1e-9)
+
+        def fx(x):
+            return np.asarray(x, dtype=np.float64) / xmax
 
     def px(x, y):
-        return left + x / xmax * (w - left - right), h - bottom - y * (h - top - bottom)
+        return left + float(fx(x)) * (w - left - right), h - bottom - float(y) * (h - top - bottom)
 
-    for k in range(6):
+    for k in range(6):  # y axis: grid, ticks and labels every 0.2
         y = k / 5
-        d.line([px(0, y), (px(0, y)[0] - 5, px(0, y)[1])], fill="black")
-        d.text((5, px(0, y)[1] - 6), f"{y:.1f}", fill="black")
+        _, yy = px(marks[0] if log_x and marks else 0, y)
+        d.line([(left, yy), (w - right, yy)], fill=(235, 235, 235))
+        d.line([(left - 5, yy), (left, yy)], fill="black")
+        s = f"{y:.1f}"
+        tw, th = text_size(d, s, small)
+        d.text((left - 8 - tw, yy - th / 2 - 2), s, fill="black", font=small)
+    last_right = -1e9
     for m in marks:
-        d.line([px(m, 0), px(m, 1)], fill=(220, 220, 220))
-        d.text((px(m, 0)[0] - 8, h - bottom + 6), f"{m:g}", fill="black")
-    d.rectangle([px(0, 1), px(xmax, 0)], outline="black")
+        x, _ = px(m, 0)
+        d.line([(x, top), (x, h - bottom)], fill=(220, 220, 220))
+        d.line([(x, h - bottom), (x, h - bottom + 5)], fill="black")
+        s = tick_label(m)
+        tw, _ = text_size(d, s, small)
+        if x - tw / 2 > last_right + 6:  # leave out a label that would touch the previous one
+            d.text((x - tw / 2, h - bottom + 8), s, fill="black", font=small)
+            last_right = x + tw / 2
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
     order = np.lexsort((ys, xs))  # along x, and up at equal x
-    pts = [px(x, y) for x, y in zip(xs[order], ys[order])]
+    pts = _clip_right([(float(fx(x)), float(y)) for x, y in zip(xs[order], ys[order])])
+    pts = [(left + u * (w - left - right), h - bottom - y * (h - top - bottom)) for u, y in pts]
     if len(pts) > 1:
         d.line(pts, fill=(200, 30, 30), width=2)
-    d.text((left, 12), title, fill="black")
-    d.text((left + 150, h - 22), xlabel, fill="black")
-    d.text((5, 22), ylabel, fill="black")
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    if points is not None:
+        for m, v in zip(marks, points):
+            x, y = px(m, v)
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(200, 30, 30))
+            s = f"{v:.2f}"
+            tw, th = text_size(d, s, small)
+            d.text((min(x + 6, w - right - tw - 2), max(top + 2, y - th - 8)), s, fill=(120, 0, 0), font=small)
+    tw, _ = text_size(d, title, fnt)
+    d.text(((w - tw) / 2, 12), title, fill="black", font=fnt)
+    tw, _ = text_size(d, xlabel, fnt)
+    d.text((left + (w - left - right - tw) / 2, h - 30), xlabel, fill="black", font=fnt)
+    tw, th = text_size(d, ylabel, fnt)  # the y label, turned a quarter left, centred on the axis
+    label = Image.new("RGB", (tw + 4, th + 8), "white")
+    ImageDraw.Draw(label).text((2, 0), ylabel, fill="black", font=fnt)
+    label = label.rotate(90, expand=True)
+    img.paste(label, (8, int(top + (h - top - bottom - label.size[1]) / 2)))
+    return write_png(path, img)

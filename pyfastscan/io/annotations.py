@@ -142,3 +142,44 @@ def contours(mask: np.ndarray, stride_px: float = 1.0, origin_px: Tuple[float, f
         out.append(Annotation("polygon", xy, hole_group if area2 > 0 else group,
                               name=f"contour {len(out)}"))
     return out
+
+
+def contour_polygons(mask: np.ndarray, stride_px: float = 1.0, origin_px: Tuple[float, float] = (0.5, 0.5),
+                     group: str = "tumor", values: np.ndarray = None) -> List[Annotation]:
+    """Outlines of a boolean map as one polygon with holes per 4-connected region (the
+    GeoJSON / QuPath form; :func:`contours` gives ASAP's form, holes as polygons of an
+    exclusion group). Same grid and edges as :func:`contours`; ``rasterize`` on that grid
+    gives the mask back exactly, islands inside holes included (they are regions of their
+    own). With ``values`` (the map, same shape), each polygon's properties carry
+    ``measurements: {"max probability": the maximum of values over the region}``."""
+    from scipy import ndimage
+
+    m = np.asarray(mask, dtype=bool)
+    labels, n = ndimage.label(m)  # 4-connected, as contours traces
+    peaks = ndimage.maximum(values, labels, np.arange(1, n + 1)) if values is not None and n else None
+    out = []
+    for k, sl in enumerate(ndimage.find_objects(labels)):
+        (r0, r1), (c0, c1) = (sl[0].start, sl[0].stop), (sl[1].start, sl[1].stop)
+        origin = (origin_px[0] + c0 * stride_px, origin_px[1] + r0 * stride_px)
+        rings = contours(labels[r0:r1, c0:c1] == k + 1, stride_px, origin, group="outer", hole_group="hole")
+        outers = [a.coords for a in rings if a.group == "outer"]
+        holes = [a.coords for a in rings if a.group == "hole"]
+        props = {"measurements": {"max probability": float(peaks[k])}} if peaks is not None else {}
+        if len(outers) == 1:
+            out.append(Annotation("polygon", outers[0], group, f"region {k}", holes, dict(props)))
+        else:  # not expected for a 4-connected region; keep ASAP's form rather than guess
+            out.extend(Annotation("polygon", o, group, f"region {k}", properties=dict(props)) for o in outers)
+            out.extend(Annotation("polygon", h, EXCLUSION_GROUPS[0], f"region {k} hole") for h in holes)
+    return out
+
+
+def holes_as_exclusions(polygons: Sequence[Annotation], hole_group: str = EXCLUSION_GROUPS[0]) -> List[Annotation]:
+    """Polygons with holes in the form ASAP XML can hold: each hole becomes a polygon of
+    ``hole_group`` (an exclusion group, removed by :func:`rasterize`), after its outer
+    polygon. The mask rasterised from it is the same, except islands inside holes (the
+    exclusion, drawn after, removes them), as with :func:`contours`."""
+    out = []
+    for a in polygons:
+        out.append(Annotation(a.kind, a.coords, a.group, a.name, properties=dict(a.properties)))
+        out.extend(Annotation("polygon", h, hole_group, f"{a.name} hole {k}".strip()) for k, h in enumerate(a.holes))
+    return out

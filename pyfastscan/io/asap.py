@@ -155,7 +155,9 @@ def write_asap_xml(path, annotations: Sequence[Annotation], groups: Optional[Dic
 
 
 def detections_to_annotations(detections, group: str = "detection") -> List[Annotation]:
-    """Scan or mitosis detections (objects with probability, x, y) as Dot annotations whose
-    name carries the probability."""
+    """Scan or mitosis detections (objects with probability, x, y) as point annotations whose
+    name carries the probability: ASAP Dots in XML; in GeoJSON QuPath detection objects
+    (``objectType: "detection"``) with the probability as the measurement "probability"."""
     return [Annotation("points", [[d.x, d.y]], group, name=f"p={d.probability:.6f}",
-                       properties={"probability": float(d.probability)}) for d in detections]
+                       properties={"objectType": "detection", "measurements": {"probability": float(d.probability)}})
+            for d in detections]

@@ -111,8 +111,9 @@ def read_status(folder: str):
 
 
 # What slide jobs write into a slide's folder: a folder holding any of these holds results.
-RESULT_FILES = ("report.json", "heatmap.tif", "overlay.png", "detections.csv", "detections.geojson", "detections.xml",
-                "heatmap_contours.xml", "mitoses.csv", "mitoses.geojson", "hotspot.png")
+RESULT_FILES = ("report.json", "heatmap.tif", "overlay.png", "detections.csv", "camelyon16_submission.csv",
+                "detections.geojson", "detections.xml", "heatmap_contours.geojson", "heatmap_contours.xml",
+                "mitoses.csv", "mitoses.geojson", "hotspot.png")
 LOCK = ".pyfastscan.lock"
 
 

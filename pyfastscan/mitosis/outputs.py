@@ -1,7 +1,7 @@
 """Files of the mitosis job, each written atomically (pyfastscan.io.files):
 
     mitoses.csv      x,y,probability per mitosis (level-0 pixels), with a header
-    mitoses.geojson  the same points as a FeatureCollection (QuPath)
+    mitoses.geojson  the same points as QuPath detection objects, probability a measurement
     hotspot.png      thumbnail with the 2 mm^2 circle counts as a colour layer, the hotspot
                      circle and 10 HPF rectangle drawn and their counts written
     report.json      counts, hotspots (level-0 px and mm), grade, thresholds, timings, versions
@@ -16,7 +16,8 @@ from ..io.asap import detections_to_annotations
 from ..io.files import atomic_write, prepare_folder, write_json, write_text
 from ..io.geojson import write_geojson
 from ..ops.hotspot import hotspot_counts
-from ..pipeline.outputs import colour_map, run_report
+from ..io.images import colour_map
+from ..pipeline.outputs import run_report
 
 
 def _window_report(st, mpp: float) -> dict:

@@ -1,115 +1,198 @@
 """Files of a scan, each written atomically (a temporary file in the same folder, then
-os.replace), so an interrupted run never leaves a half-written output behind.
+os.replace), so an interrupted run never leaves a half-written output behind. README
+"Output files" has the table of every file and its columns.
 
-    heatmap.tif         pyramidal tiled TIFF, uint8 probability * 255 (or float32), every level a page
-                        of the main IFD chain (OpenSlide does not see SubIFDs), resolution
-                        in the tags: opens in OpenSlide, QuPath and ASAP
-    overlay.png         thumbnail with the map in colour and the tissue outline
-    detections.csv      Camelyon16 submission format: probability,x,y (level 0), no header
-    detections.geojson  the same points as a FeatureCollection (QuPath imports it)
+    heatmap.tif         pyramidal tiled TIFF on the slide's own grid (see viewer_grid): pixel
+                        (i, j) covers level-0 [j*D, (j+1)*D) x [i*D, (i+1)*D), D an integer
+                        number of level-0 px; uint8 probability * 255 (or float32); every level
+                        a page of the main IFD chain (OpenSlide does not see SubIFDs), D * mpp
+                        in the resolution tags: QuPath and ASAP overlay it on the slide as is
+    overlay.png         thumbnail, the map in colour where it is high, colour bar, scale bar,
+                        detections, the tissue outline and (``truth``) the ground truth
+    detections.csv      x,y,probability (level-0 px) with a header, the package's CSV convention
+    camelyon16_submission.csv  probability,x,y, no header, integer level-0 coordinates: the
+                        layout the Camelyon16 evaluation script reads
+    detections.geojson  the same points as QuPath detection objects, probability a measurement
     detections.xml      the same points as ASAP XML dots
-    heatmap_contours.xml  outlines of the map above the detection threshold, ASAP XML
-                        polygons (holes in group "_2"), level-0 pixels
-    report.json         score, geometry, ROI counts, tissue area, timings, versions, command
+    heatmap_contours.geojson  outlines of the map above the detection threshold, one polygon
+                        with holes per region, QuPath annotations ("max probability" measurement)
+    heatmap_contours.xml  the same outlines as ASAP XML polygons (holes in group "_2")
+    report.json         score, geometry (of the map and of heatmap.tif), ROI counts, tissue
+                        area, timings, versions, command
 """
+import math
 import os
 import platform
 import sys
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..io.files import atomic_write
 from ..errors import InvalidArgumentError
-from ..io.annotations import contours
+from ..io.annotations import contour_polygons, holes_as_exclusions, rasterize
 from ..io.asap import detections_to_annotations, write_asap_xml
 from ..io.files import prepare_folder, write_json, write_text
 from ..io.geojson import write_geojson
+from ..io.images import colour_map, draw_colour_bar, draw_scale_bar, font, text_size, write_png, write_pyramid_tif
 
 
-def _halve(a: np.ndarray) -> np.ndarray:
-    """2x2 box downsample of an image (H, W) or (H, W, C): uint8 rounding half up, float
-    averaged in its dtype; an axis of length 1 stays 1."""
-    floating = np.issubdtype(a.dtype, np.floating)
-    b = a.astype(a.dtype if floating else np.uint16)
-    for axis in (0, 1):
-        n = b.shape[axis]
-        if n < 2:
-            b = b * 2
-            continue
-        even = n // 2 * 2
-        b = np.take(b, range(0, even, 2), axis) + np.take(b, range(1, even, 2), axis)
-    return (b / 4).astype(a.dtype) if floating else ((b + 2) // 4).astype(np.uint8)
+def whole_step(stride_px: float) -> bool:
+    """Is the map step a whole number of level-0 pixels (to 1e-9 relative)?"""
+    return abs(stride_px - round(stride_px)) <= 1e-9 * stride_px
 
 
-def write_pyramid_tif(path: str, image: np.ndarray, mpp: float, *, levels: Optional[int] = None,
-                      compression: str = "zlib", description: Optional[str] = None) -> str:
-    """Tiled (256 px) pyramidal TIFF, each level a page of the main IFD chain (where
-    OpenSlide looks), with the resolution of each level in its tags. ``image`` is uint8
-    or float32
-    (H, W) or RGB (H, W, 3) at ``mpp`` um/px. Without ``levels``, halves until the level
-    fits one tile."""
-    import tifffile
+def viewer_grid(stride_px: float, origin_px: Tuple[float, float], slide_size: Tuple[int, int]):
+    """Where the map's cells go on a grid aligned with the slide (DESIGN.md 6.4).
 
-    pyramid = [image]
-    while (len(pyramid) < levels) if levels is not None else max(pyramid[-1].shape[:2]) > 256:
-        pyramid.append(_halve(pyramid[-1]))
-    photometric = "rgb" if image.ndim == 3 else "minisblack"
+    The map's cell (r, c) is the patch centred at origin + (c, r) * stride (level-0 px).
+    The viewer grid has pixels of D level-0 px, D = the stride if it is a whole number,
+    else the stride rounded (>= 1); its pixel (i, j) covers x in [j*D, (j+1)*D), y in
+    [i*D, (i+1)*D) and holds the cell whose patch centre is nearest the pixel's centre
+    ((j + 0.5) * D, (i + 0.5) * D) (a tie goes to the higher cell), 0 where no cell is
+    that near (the half patch along the slide's edges). Its size is floor(W / D) x floor(H / D):
+    whole pixels only, so that ASAP's integer scale W // width is D.
 
-    def write(tmp):
-        with tifffile.TiffWriter(tmp, bigtiff=False) as tif:
-            for i, lv in enumerate(pyramid):
-                res = 1e4 / (mpp * 2 ** i)  # pixels per centimetre
-                tif.write(lv, tile=(256, 256), compression=compression, photometric=photometric,
-                          resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=1 if i else 0,
-                          description=description if i == 0 else None, metadata=None)
+    Returns (D, rows, cols, offset): the cell row of every grid row and the cell column of
+    every grid column (outside the map's range: none), and the level-0 offset of the held cell's patch centre
+    from the pixel's centre, (dx, dy): constant when D is the stride (at most D / 2), else
+    the largest |offset| over the grid in both entries.
+    """
+    d = float(max(1, round(stride_px)))
+    w, h = slide_size
+    nw, nh = max(1, int(w // d)), max(1, int(h // d))
 
-    return atomic_write(path, write)
+    def axis(n, o):
+        centre = (np.arange(n) + 0.5) * d
+        return np.floor((centre - o) / stride_px + 0.5).astype(np.int64), centre
+
+    cols, cx = axis(nw, origin_px[0])
+    rows, cy = axis(nh, origin_px[1])
+    offset = []
+    for idx, centre, o in ((cols, cx, origin_px[0]), (rows, cy, origin_px[1])):
+        off = o + idx * stride_px - centre
+        offset.append(float(off[0]) if whole_step(stride_px) else float(np.abs(off).max()))
+    return d, rows, cols, tuple(offset)
 
 
-def write_heatmap_tif(path: str, heat: np.ndarray, mpp_map: float, dtype: str = "uint8") -> str:
-    """The probability map, zlib tiles, pyramid to one tile: ``uint8`` (probability * 255;
-    OpenSlide, QuPath and ASAP open it) or ``float32`` (the probabilities themselves; QuPath
-    and tifffile read it, OpenSlide reads 8-bit images only)."""
-    if dtype == "float32":
-        return write_pyramid_tif(path, np.ascontiguousarray(heat, dtype=np.float32), mpp_map,
-                                 description="pyfastscan heat map: probability (float32)")
-    if dtype != "uint8":
+def place_on_grid(heat: np.ndarray, rows: np.ndarray, cols: np.ndarray, dtype: str = "uint8") -> np.ndarray:
+    """The viewer-grid image of ``heat`` (see viewer_grid): uint8 probability * 255 rounded
+    or float32 probabilities, 0 where rows / cols are out of the map. Built in bands of
+    1024 rows: no full-size float temporaries for uint8."""
+    if dtype not in ("uint8", "float32"):
         raise InvalidArgumentError(f"heat map dtype must be 'uint8' or 'float32', got {dtype!r}")
-    scaled = np.empty(heat.shape, dtype=np.uint8)
-    for r in range(0, heat.shape[0], 1024):  # in bands: no full-size float temporaries
-        scaled[r:r + 1024] = np.clip(np.rint(heat[r:r + 1024] * 255), 0, 255)
-    return write_pyramid_tif(path, scaled, mpp_map, description="pyfastscan heat map: probability * 255")
+    out = np.zeros((len(rows), len(cols)), dtype=np.uint8 if dtype == "uint8" else np.float32)
+    vc = np.nonzero((cols >= 0) & (cols < heat.shape[1]))[0]
+    vr = np.nonzero((rows >= 0) & (rows < heat.shape[0]))[0]
+    for b in range(0, len(vr), 1024):
+        band = vr[b:b + 1024]
+        block = heat[rows[band]][:, cols[vc]]
+        if dtype == "uint8":
+            block = np.clip(np.rint(block * 255), 0, 255)
+        out[band[:, None], vc[None, :]] = block
+    return out
 
 
-def colour_map(heat: np.ndarray) -> np.ndarray:
-    """A blue-to-red colour map (0 blue, 0.5 yellow-green, 1 red), uint8 RGB."""
-    h = np.clip(heat, 0, 1)[..., None]
-    stops = np.array([[0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0]], dtype=np.float32)
-    pos = h * 3
-    i = np.minimum(pos.astype(int), 2)
-    f = pos - i
-    return (stops[i[..., 0]] * (1 - f) + stops[i[..., 0] + 1] * f).astype(np.uint8)
+def write_heatmap_tif(path: str, heat: np.ndarray, mpp_px: float) -> str:
+    """An image (already on its grid) as heatmap.tif, zlib tiles, pyramid to one tile, at
+    ``mpp_px`` um/px: ``uint8`` (OpenSlide, QuPath and ASAP open it) or ``float32`` (QuPath
+    and tifffile read it, OpenSlide reads 8-bit images only)."""
+    what = "probability * 255" if heat.dtype == np.uint8 else "probability (float32)"
+    return write_pyramid_tif(path, heat, mpp_px, description=f"pyfastscan heat map: {what}")
 
 
-def write_overlay_png(path: str, result) -> str:
-    from PIL import Image
+OVERLAY_FLOOR = 0.2  # overlay.png leaves the slide uncoloured where the probability is below this
+TRUTH_COLOUR, DETECTION_COLOUR, TISSUE_COLOUR = (0, 170, 0), (0, 0, 0), (140, 140, 140)
+
+
+def _sample_map(result, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """The map at level-0 points ys x xs: the cell whose patch centre is nearest, 0 outside."""
+    iy = np.rint((ys - result.origin_px[1]) / result.stride_px).astype(int)
+    ix = np.rint((xs - result.origin_px[0]) / result.stride_px).astype(int)
+    n_r, n_c = result.heatmap.shape
+    inside = ((iy >= 0) & (iy < n_r))[:, None] & ((ix >= 0) & (ix < n_c))[None, :]
+    heat = result.heatmap[np.clip(iy, 0, n_r - 1)[:, None], np.clip(ix, 0, n_c - 1)[None, :]]
+    return np.where(inside, heat, 0.0)
+
+
+def _inside(mask: np.ndarray, x: float, y: float) -> bool:
+    """mask at thumbnail point (x, y), clamped to the mask."""
+    return bool(mask[min(mask.shape[0] - 1, max(0, int(y))), min(mask.shape[1] - 1, max(0, int(x)))])
+
+
+def hits_of(detections, mask: np.ndarray, ds: float) -> int:
+    """How many detections lie in ``mask`` (a thumbnail-grid mask, ``ds`` level-0 px per pixel)."""
+    return sum(_inside(mask, d.x / ds, d.y / ds) for d in detections)
+
+
+def write_overlay_png(path: str, result, truth: Optional[Sequence] = None, floor: float = OVERLAY_FLOOR) -> str:
+    """The slide thumbnail with the map in colour where it is at least ``floor`` (the glass
+    and low-probability tissue stay as they are), the tissue outline (grey), the ground
+    truth ``truth`` (annotations in level-0 px: polygons outlined, points as squares, green),
+    detections as rings (filled when inside a truth polygon), and a legend strip below: the
+    colour bar with its scale, a scale bar in mm, what each mark means."""
+    from PIL import Image, ImageDraw
     from scipy import ndimage
 
-    thumb = result.thumbnail
-    ds = result.thumbnail_downsample
+    thumb, ds = result.thumbnail, result.thumbnail_downsample
     th, tw = thumb.shape[:2]
-    ys = ((np.arange(th) + 0.5) * ds - result.origin_px[1]) / result.stride_px
-    xs = ((np.arange(tw) + 0.5) * ds - result.origin_px[0]) / result.stride_px
-    iy, ix = np.rint(ys).astype(int), np.rint(xs).astype(int)
-    inside = ((iy >= 0) & (iy < result.heatmap.shape[0]))[:, None] & ((ix >= 0) & (ix < result.heatmap.shape[1]))
-    heat = result.heatmap[np.clip(iy, 0, result.heatmap.shape[0] - 1)[:, None],
-                          np.clip(ix, 0, result.heatmap.shape[1] - 1)[None, :]]
-    alpha = np.where(inside, 0.25 + 0.5 * heat, 0.0).astype(np.float32)[..., None]
+    ys, xs = (np.arange(th) + 0.5) * ds, (np.arange(tw) + 0.5) * ds
+    heat = _sample_map(result, ys, xs)
+    alpha = np.where(heat >= floor, 0.6, 0.0).astype(np.float32)[..., None]
     out = (thumb * (1 - alpha) + colour_map(heat) * alpha).astype(np.uint8)
-    m = result.tissue.on_grid((np.arange(th) + 0.5) * ds, (np.arange(tw) + 0.5) * ds)
-    out[m & ~ndimage.binary_erosion(m)] = (0, 160, 0)  # tissue outline in green
-    return atomic_write(path, lambda tmp: Image.fromarray(out).save(tmp, format="PNG"))
+    m = result.tissue.on_grid(ys, xs)
+    out[m & ~ndimage.binary_erosion(m)] = TISSUE_COLOUR
+    truth = list(truth or [])
+    polys = [a for a in truth if a.kind == "polygon"]
+    inside_truth = rasterize(polys, (th, tw), ds) if polys else np.zeros((th, tw), dtype=bool)
+
+    fnt = font(12)
+    n = len(result.detections)
+    items = [("ring", f"detection (p > {result.threshold:g}): {n}")]
+    if polys:
+        items += [("dot", f"detection inside the truth: {hits_of(result.detections, inside_truth, ds)}"
+                          f" of {n}")]
+    if truth:
+        items += [("truth", "ground truth")]
+    items += [("tissue", "tissue outline")]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = text_size(probe, "Ag", fnt)[1] + 8
+    items_w = 16 + max(text_size(probe, t, fnt)[0] for _, t in items)
+    left_w = 390  # colour bar (10..210) and scale bar (240..390)
+    width = max(tw, left_w + items_w + 20)
+    legend_h = max(80, 20 + line_h * len(items))
+    img = Image.new("RGB", (width, th + legend_h), (255, 255, 255))
+    img.paste(Image.fromarray(out), (0, 0))
+    draw = ImageDraw.Draw(img)
+    for a in polys:
+        for ring in [a.coords, *a.holes]:
+            pts = [(float(x) / ds, float(y) / ds) for x, y in ring]
+            draw.line(pts + pts[:1], fill=TRUTH_COLOUR, width=2)
+    for a in truth:
+        if a.kind == "points":
+            for x, y in a.coords:
+                draw.rectangle([x / ds - 3, y / ds - 3, x / ds + 3, y / ds + 3], outline=TRUTH_COLOUR, width=2)
+    for d in result.detections:
+        x, y = d.x / ds, d.y / ds
+        draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline=(255, 255, 255), width=3)
+        draw.ellipse([x - 5, y - 5, x + 5, y + 5], outline=DETECTION_COLOUR, width=1,
+                     fill=DETECTION_COLOUR if polys and _inside(inside_truth, x, y) else None)
+
+    top = th + 30
+    draw_colour_bar(draw, (10, top, 210, top + 14), (0, floor, 0.5, 1), f"probability (no colour below {floor:g})",
+                    transparent_below=floor, fnt=fnt)
+    draw_scale_bar(draw, (240, top + 2), 1000 / (result.slide_mpp * ds), 150, fnt=fnt)
+    x, y = width - items_w - 10, th + 10
+    for kind, text in items:
+        cy = y + line_h // 2 - 3
+        if kind in ("ring", "dot"):
+            draw.ellipse([x, cy - 5, x + 10, cy + 5], outline=DETECTION_COLOUR,
+                         fill=DETECTION_COLOUR if kind == "dot" else None)
+        else:
+            draw.line([(x - 1, cy), (x + 11, cy)], fill=TRUTH_COLOUR if kind == "truth" else TISSUE_COLOUR,
+                      width=2 if kind == "truth" else 1)
+        draw.text((x + 16, y), text, fill=(0, 0, 0), font=fnt)
+        y += line_h
+    return write_png(path, img)
 
 
 def package_versions() -> Dict[str, str]:
@@ -133,28 +216,43 @@ def run_report(result, command: Optional[str] = None) -> dict:
     }
 
 
-def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtype: str = "uint8") -> Dict[str, str]:
+def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtype: str = "uint8",
+                truth: Optional[Sequence] = None) -> Dict[str, str]:
     prepare_folder(folder)
     paths = {}
-    paths["heatmap"] = write_heatmap_tif(os.path.join(folder, "heatmap.tif"), result.heatmap,
-                                         result.stride_px * result.slide_mpp, heatmap_dtype)
+    d, rows, cols, offset = viewer_grid(result.stride_px, result.origin_px, result.slide_size)
+    grid = place_on_grid(result.heatmap, rows, cols, heatmap_dtype)
+    paths["heatmap"] = write_heatmap_tif(os.path.join(folder, "heatmap.tif"), grid, d * result.slide_mpp)
+    del grid
     if result.thumbnail is not None:
-        paths["overlay"] = write_overlay_png(os.path.join(folder, "overlay.png"), result)
+        paths["overlay"] = write_overlay_png(os.path.join(folder, "overlay.png"), result, truth)
     dets = result.detections
-
-    paths["detections_csv"] = write_text(os.path.join(folder, "detections.csv"),
-                                         "".join(f"{d.probability:.6f},{d.x:.1f},{d.y:.1f}\n" for d in dets))
+    paths["detections_csv"] = write_text(os.path.join(folder, "detections.csv"), "x,y,probability\n" + "".join(
+        f"{p.x:.1f},{p.y:.1f},{p.probability:.6f}\n" for p in dets))
+    paths["camelyon16_csv"] = write_text(os.path.join(folder, "camelyon16_submission.csv"), "".join(
+        f"{p.probability:.6f},{int(math.floor(p.x + 0.5))},{int(math.floor(p.y + 0.5))}\n" for p in dets))
     points = detections_to_annotations(dets, "Tumor")
     paths["detections_geojson"] = write_geojson(os.path.join(folder, "detections.geojson"), points)
     paths["detections_xml"] = write_asap_xml(os.path.join(folder, "detections.xml"), points)
-    outline = contours(result.heatmap > result.threshold, result.stride_px, result.origin_px, group="Tumor")
-    paths["contours_xml"] = write_asap_xml(os.path.join(folder, "heatmap_contours.xml"), outline)
-
+    outline = contour_polygons(result.heatmap > result.threshold, result.stride_px, result.origin_px, group="Tumor",
+                               values=result.heatmap)
+    paths["contours_geojson"] = write_geojson(os.path.join(folder, "heatmap_contours.geojson"), outline)
+    paths["contours_xml"] = write_asap_xml(os.path.join(folder, "heatmap_contours.xml"),
+                                           holes_as_exclusions(outline, "_2"))
     report = {
         "score": result.score, "n_detections": len(dets), "scan_mpp": result.scan_mpp,
-        "heatmap": {"shape": list(result.heatmap.shape), "stride_px": result.stride_px,
-                    "origin_px": list(result.origin_px),
-                    "note": "cell (i, j) is the patch centred at origin + (j, i) * stride, level-0 pixels"},
+        "heatmap": {"file": "heatmap.tif", "shape": [len(rows), len(cols)], "pixel_px": d,
+                    "pixel_um": d * result.slide_mpp, "dtype": heatmap_dtype,
+                    "values": "probability * 255" if heatmap_dtype == "uint8" else "probability",
+                    "cell_offset_px": list(offset), "exact": whole_step(result.stride_px),
+                    "note": "heatmap.tif pixel (i, j) covers level-0 x in [j * pixel_px, (j + 1) * pixel_px), y in "
+                            "[i * pixel_px, (i + 1) * pixel_px) and holds the map cell whose patch centre is nearest "
+                            "that square's centre; cell_offset_px = that patch centre minus the square's centre "
+                            "(the largest |offset| when not exact)"},
+        "map": {"shape": list(result.heatmap.shape), "stride_px": result.stride_px,
+                "origin_px": list(result.origin_px),
+                "note": "map cell (i, j) is the patch centred at origin + (j, i) * stride, level-0 pixels; "
+                        "detections and contours are on this grid"},
         "rois_resumed": result.n_rois_resumed, **run_report(result, command),
     }
     paths["report"] = write_json(os.path.join(folder, "report.json"), report, indent=2)

@@ -38,6 +38,21 @@ def default_readers() -> int:
     return max(2, min(8, cores))
 
 
+CPU_READER_NICE = 10  # how much lower a CPU scan's reader threads run than the model's threads
+
+
+def _yield_to_the_model() -> None:
+    """Reader-thread initializer of a CPU scan: the readers and the model's threads share
+    the cores, and a reader preempting one of the model's threads stalls all of them at
+    the next barrier; at a lower priority (Linux: per-thread nice) the readers run in the
+    gaps of the model's work. Nothing changes where the OS does not allow it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0)
+                                                                       + CPU_READER_NICE))
+    except (AttributeError, OSError):
+        pass
+
+
 def max_read_ahead(readers: int) -> int:
     """The most ROIs read ahead at once (the memory budget counts this many buffers)."""
     return 2 * readers + 1
@@ -116,7 +131,8 @@ class RoiPipeline:
         if not self.todo:
             return
         timings = self.timings
-        pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="pyfastscan-reader")
+        pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="pyfastscan-reader",
+                                  initializer=None if self.cuda or not CPU_READER_NICE else _yield_to_the_model)
         try:
             it = iter(self.todo)
             pending = deque()

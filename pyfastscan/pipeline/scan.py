@@ -1,7 +1,7 @@
 """Whole-slide dense scanning, the heat-map job (Fast ScanNet Section II-C, DESIGN.md 2.4).
 
     result = pyfastscan.scan_slide("slide.svs", model, alpha=2)
-    result.save("out/slide")      # heatmap.tif, overlay.png, detections.csv/.geojson, report.json
+    result.save("out/slide")      # heatmap.tif, overlay.png, detections.csv/.geojson, report.json, ...
 
 It runs the scan engine (:mod:`pyfastscan.pipeline.engine`: open, tissue, ROI plan, input
 pipeline, inference), stitches the ROI maps into the whole-slide map, keeps the checkpoint,
@@ -34,13 +34,17 @@ class ScanResult(SlideRun):
     n_rois_resumed: int = 0
     threshold: float = 0.5
 
-    def save(self, folder, command: Optional[str] = None, heatmap_dtype: str = "uint8") -> Dict[str, str]:
-        """Write heatmap.tif (``heatmap_dtype`` "uint8" or "float32"), overlay.png,
-        detections.csv / .geojson / .xml, heatmap_contours.xml and report.json into
-        ``folder`` (created), each atomically (see pipeline/outputs.py). Returns name -> path."""
+    def save(self, folder, command: Optional[str] = None, heatmap_dtype: str = "uint8",
+             truth=None) -> Dict[str, str]:
+        """Write heatmap.tif (``heatmap_dtype`` "uint8" or "float32"; on the slide's grid,
+        see pipeline/outputs.py viewer_grid), overlay.png, detections.csv,
+        camelyon16_submission.csv, detections.geojson / .xml, heatmap_contours.geojson /
+        .xml and report.json into ``folder`` (created), each atomically. ``truth``: ground
+        truth annotations (e.g. ``pyfastscan.io.read_annotations(path)``) outlined in
+        overlay.png. Returns name -> path."""
         from .outputs import save_result
 
-        return save_result(self, folder, command, heatmap_dtype)
+        return save_result(self, folder, command, heatmap_dtype, truth)
 
 
 def scan_slide(slide, model: nn.Module, *, alpha: Optional[int] = None, mpp: Optional[float] = None, device="cpu",
