@@ -8,8 +8,8 @@ import warnings
 
 from .validate import cli_type
 
-CHECKPOINT = ".pyfastscan-scan.ckpt"  # in each slide's output folder while its scan runs
-ERROR_LOG = "pyfastscan-error.log"  # where an internal error's traceback is kept
+from .errors import ERROR_LOG  # where an internal error's traceback is kept
+from .pipeline.scan import CHECKPOINT  # in each slide's output folder while its scan runs
 
 
 def _roi_outputs(v: str):
@@ -70,17 +70,14 @@ def _load_cli_model(args):
 
 def _scan_one(slide, out, model, args, command):
     """Scan one slide into ``out``; the checkpoint lives there until the outputs are written."""
-    from . import scan_slide
+    from .pipeline.scan import scan_to_folder
 
-    ckpt = os.path.join(out, CHECKPOINT)
-    res = scan_slide(slide, model, checkpoint=ckpt, resume=args.resume and os.path.exists(ckpt), **_common(args))
-    paths = res.save(out, command=command, heatmap_dtype="float32" if args.heatmap_float else "uint8")
-    os.remove(ckpt)  # the outputs are complete: nothing left to resume
+    res = scan_to_folder(slide, out, model, resume=args.resume, command=command,
+                         heatmap_dtype="float32" if args.heatmap_float else "uint8", **_common(args))
     t = res.timings
     resumed = f" ({res.n_rois_resumed} from the checkpoint)" if res.n_rois_resumed else ""
     return (f"score {res.score:.4f}, {len(res.detections)} detections, {res.n_rois}/{res.n_rois_total} ROIs{resumed}, "
-            f"{t['total']:.1f} s (infer {t['infer']:.1f} s, waiting for reads {t['read_wait']:.1f} s) "
-            f"-> {os.path.dirname(paths['report'])}")
+            f"{t['total']:.1f} s (infer {t['infer']:.1f} s, waiting for reads {t['read_wait']:.1f} s) -> {out}")
 
 
 def _mitosis_one(slide, out, model, args, command):
@@ -107,26 +104,7 @@ EXIT_CODES = ("exit status: 0 every slide done, 1 some slides failed (each repor
               f"{ERROR_LOG} in the output folder)")
 
 
-def _internal_error(folder, where: str, exc: BaseException) -> str:
-    """Keep the traceback of an unexpected exception in ``folder``/ERROR_LOG; returns the
-    one line the terminal gets."""
-    import traceback
-
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        log = os.path.join(folder, ERROR_LOG)
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(f"pyfastscan {__import__('pyfastscan').__version__}: {where}\n{text}\n")
-        kept = f"traceback in {log}"
-    except OSError:
-        import tempfile
-
-        fd, log = tempfile.mkstemp(prefix="pyfastscan-error-", suffix=".log")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        kept = f"traceback in {log}"
-    return f"internal error ({type(exc).__name__}: {exc}); please report it with the {kept}"
+from .errors import internal_error as _internal_error  # noqa: E402  (kept below the CLI for the jobs)
 
 
 def _slides(args, run_one) -> int:
@@ -194,37 +172,8 @@ def _slides(args, run_one) -> int:
     return EXIT_OK
 
 
-def _reason(exc: BaseException, folder: str, where: str):
-    """(the one-line reason a slide failed, whether it is an internal error). Errors a user
-    can act on are pyfastscan's own, the system's (OSError) and running out of memory;
-    anything else is a bug, whose traceback is kept in ``folder``/ERROR_LOG."""
-    from .errors import PyfastscanError
-
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted", False
-    if isinstance(exc, MemoryError):
-        return f"out of memory ({_one_line(exc) or 'MemoryError'}); try a smaller --memory-mib or --roi-outputs", False
-    if isinstance(exc, (PyfastscanError, OSError)):
-        return _one_line(exc), False
-    return _internal_error(folder, where, exc), True
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def _mark_failed(out: str, path: str, job: str, reason: str) -> None:
-    """Leave ``out`` marked failed: status "failed" with the reason, no report.json (a
-    report from a previous run of this folder would otherwise look like this run's)."""
-    from .io.files import write_status
-
-    try:
-        report = os.path.join(out, "report.json")
-        if os.path.exists(report):
-            os.remove(report)
-        write_status(out, "failed", slide=os.path.abspath(path), job=job, reason=reason)
-    except OSError:
-        pass  # the folder itself is what failed: nothing can be marked in it
+from .errors import failure_reason as _reason, one_line as _one_line  # noqa: E402
+from .io.files import mark_failed as _mark_failed  # noqa: E402
 
 
 def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):

@@ -133,7 +133,8 @@ def run_report(result, command: Optional[str] = None) -> dict:
     }
 
 
-def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtype: str = "uint8") -> Dict[str, str]:
+def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtype: str = "uint8",
+                extra: Optional[dict] = None) -> Dict[str, str]:
     prepare_folder(folder)
     paths = {}
     paths["heatmap"] = write_heatmap_tif(os.path.join(folder, "heatmap.tif"), result.heatmap,
@@ -155,7 +156,7 @@ def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtyp
         "heatmap": {"shape": list(result.heatmap.shape), "stride_px": result.stride_px,
                     "origin_px": list(result.origin_px),
                     "note": "cell (i, j) is the patch centred at origin + (j, i) * stride, level-0 pixels"},
-        "rois_resumed": result.n_rois_resumed, **run_report(result, command),
+        "rois_resumed": result.n_rois_resumed, **run_report(result, command), **(extra or {}),
     }
     paths["report"] = write_json(os.path.join(folder, "report.json"), report, indent=2)
     return paths
