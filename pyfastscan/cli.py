@@ -1,4 +1,4 @@
-"""Command line: `pyfastscan info`, `demo`, `models`, `scan`, `mitosis`, `export`, `evaluate`."""
+"""Command line: `pyfastscan info`, `demo`, `models`, `scan`, `cohort`, `mitosis`, `export`, `evaluate`."""
 import argparse
 import json
 import os
@@ -73,7 +73,8 @@ def _scan_one(slide, out, model, args, command):
     from .pipeline.scan import scan_to_folder
 
     res = scan_to_folder(slide, out, model, resume=args.resume, command=command,
-                         heatmap_dtype="float32" if args.heatmap_float else "uint8", **_common(args))
+                         heatmap_dtype="float32" if args.heatmap_float else "uint8", engine=args.engine,
+                         workers=args.workers, address=args.ray_address, **_common(args))
     t = res.timings
     resumed = f" ({res.n_rois_resumed} from the checkpoint)" if res.n_rois_resumed else ""
     return (f"score {res.score:.4f}, {len(res.detections)} detections, {res.n_rois}/{res.n_rois_total} ROIs{resumed}, "
@@ -176,9 +177,9 @@ from .errors import failure_reason as _reason, one_line as _one_line  # noqa: E4
 from .io.files import mark_failed as _mark_failed  # noqa: E402
 
 
-def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int):
+def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int, slides: str = "+"):
     p = sub.add_parser(name, help=help, epilog=EXIT_CODES)
-    p.add_argument("slides", nargs="+", metavar="SLIDE")
+    p.add_argument("slides", nargs=slides, metavar="SLIDE")
     _model_options(p, alpha, f"default {arch} for a file that names none")
     p.set_defaults(default_arch=arch)
     p.add_argument("--out", required=True,
@@ -235,6 +236,24 @@ def _model_options(p, alpha: int, arch_help: str = "", weights_required: bool = 
     p.add_argument("--patch", type=cli_type("patch"), default=None, help="patch mode: patch side in px (default: the file's)")
     p.add_argument("--stride", type=cli_type("stride"), default=None,
                    help="patch mode: grid stride at alpha 1 in px (default: the file's); the step is stride / alpha")
+
+
+def _scan_options(scan) -> None:
+    """The options `pyfastscan scan` adds to a slide job's (`pyfastscan cohort` takes them too)."""
+    scan.add_argument("--resume", action="store_true",
+                      help=f"continue an interrupted scan from the ROIs it finished (kept in OUT/{CHECKPOINT} "
+                           "until the outputs are written)")
+    scan.add_argument("--heatmap-float", action="store_true",
+                      help="write heatmap.tif as float32 probabilities (QuPath, tifffile) instead of uint8 x 255 "
+                           "(which OpenSlide and ASAP also open)")
+    scan.add_argument("--engine", choices=("local", "ray"), default="local",
+                      help="local (default: this process) or ray (Ray workers, pip install \"pyfastscan[ray]\"; "
+                           "scan: the ROIs of each slide over --workers; cohort: whole slides per worker)")
+    scan.add_argument("--workers", type=cli_type("workers"), default=None,
+                      help="Ray workers (default: one per GPU of the cluster; scan: else 2, cohort: else one per node)")
+    scan.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                      help="join this Ray cluster (`ray start --head`; auto: the one on this machine) instead of "
+                           "starting a local Ray instance bound to 127.0.0.1")
 
 
 def _models(args) -> int:
@@ -307,12 +326,10 @@ def main(argv=None) -> int:
     models.add_argument("--json", action="store_true", help="print the table as JSON")
     scan = _slide_job_parser(sub, "scan", "dense whole-slide scan: heat map, detections, report per slide",
                              "vgg16_fcn", 2)
-    scan.add_argument("--resume", action="store_true",
-                      help=f"continue an interrupted scan from the ROIs it finished (kept in OUT/{CHECKPOINT} "
-                           "until the outputs are written)")
-    scan.add_argument("--heatmap-float", action="store_true",
-                      help="write heatmap.tif as float32 probabilities (QuPath, tifffile) instead of uint8 x 255 "
-                           "(which OpenSlide and ASAP also open)")
+    _scan_options(scan)
+    from .cohort.cli import add_parser as add_cohort_parser
+
+    add_cohort_parser(sub, _slide_job_parser, _scan_options)
     mit = _slide_job_parser(sub, "mitosis", "mitoses, hotspot and grade per slide (Tellez et al.)", "tellez_cnn", 1)
     mit.add_argument("--map-threshold", type=cli_type("map_threshold"), default=0.8, help="map binarisation threshold (0.8)")
     mit.add_argument("--nms-um", type=cli_type("nms_um"), default=25.0, help="minimum distance between detections, um (25)")
@@ -383,6 +400,10 @@ def _run(args) -> int:
         return bench_main(args)
     if args.command == "scan":
         return _slides(args, _scan_one)
+    if args.command == "cohort":
+        from .cohort.cli import main as cohort
+
+        return cohort(args, _load_cli_model, _common)
     if args.command == "mitosis":
         if args.theta1 > args.theta2:
             print(f"pyfastscan mitosis: error: --theta1 ({args.theta1:g}) must not exceed --theta2 "

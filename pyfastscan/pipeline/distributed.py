@@ -12,7 +12,7 @@ checkpoints, so a distributed map is the local map, bit for bit. Two uses:
 
 Ray is optional (``pip install "pyfastscan[ray]"``); nothing here imports it before it
 is used. A Ray instance this module starts binds to 127.0.0.1 only and sends no usage
-statistics; ``address="auto"`` or ``"HOST:PORT"`` joins a cluster started with
+statistics (:data:`LOCAL_ONLY_ENV`, set when this module is the first to import Ray); ``address="auto"`` or ``"HOST:PORT"`` joins a cluster started with
 ``ray start --head``.
 """
 import contextlib
@@ -27,8 +27,23 @@ BATCHES_PER_WORKER = 4  # ROI batches per worker over a slide: the last worker t
 IN_FLIGHT = 2  # batches queued per worker, so that it never waits for the driver between two
 
 
-def import_ray():
-    """The ``ray`` module, or BackendUnavailableError saying how to install it."""
+LOCAL_ONLY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",  # no usage statistics sent anywhere
+    # Ray's switch for local-only instances (the default on Windows and macOS): the node is
+    # 127.0.0.1 and every Ray server listens there only. Read when ray is first imported.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def import_ray(local_only: bool = False):
+    """The ``ray`` module, or BackendUnavailableError saying how to install it. With
+    ``local_only``, a first import sets :data:`LOCAL_ONLY_ENV` (unless the environment
+    says otherwise) so that a Ray instance started here binds to 127.0.0.1 only."""
+    import sys
+
+    if local_only and "ray" not in sys.modules:
+        for k, v in LOCAL_ONLY_ENV.items():
+            os.environ.setdefault(k, v)
     try:
         import ray
     except ImportError as exc:
@@ -43,12 +58,11 @@ def ray_session(address: Optional[str] = None):
     a local instance bound to 127.0.0.1, without the dashboard or usage statistics, and
     shuts it down afterwards; ``"auto"`` or ``"HOST:PORT"`` joins a running cluster (and
     disconnects afterwards)."""
-    ray = import_ray()
+    ray = import_ray(local_only=address is None)
     if ray.is_initialized():
         yield ray
         return
     if address is None:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     else:
         try:
