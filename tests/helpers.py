@@ -14,12 +14,14 @@ Tolerances are derived, not tuned (DESIGN.md 5):
 """
 import os
 import shutil
+import time
 
 import pytest
 import torch
 from torch import nn
 
 from pyfastscan import _native
+from pyfastscan.dense import DenseModel
 
 UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8}
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -192,3 +194,20 @@ def seeded(model, seed=0, dtype=torch.float64):
             nn.init.normal_(m.weight, 1.0, 0.2)
             nn.init.normal_(m.bias, 0, 0.2)
     return model.to(dtype).eval()
+
+
+
+class SlowDense(DenseModel):
+    """A DenseModel that sleeps ``delay`` seconds in every forward, then computes the real
+    map of ``dense``: a slide that takes long enough to be interrupted from a test (the
+    cohort tests kill its Ray worker midway). Importable by Ray workers (tests/ is on their
+    path)."""
+
+    def __init__(self, dense, delay: float):
+        super().__init__(dense.layers, dense.geometry, dense.plan, dense.precision, dense.group,
+                         dense.ends_with_softmax)
+        self.delay = delay
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        return super().forward(x)

@@ -23,7 +23,7 @@ class SlideWorker:
     def __init__(self, model, index: int, threads: int):
         import torch
 
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(threads)  # the driver's: oneDNN's sums, so the maps' last bits, depend on it
         self.model, self.index, self.scanners = model, index, {}
 
     def info(self) -> dict:
@@ -56,6 +56,20 @@ def plan_workers(ray, workers: Optional[int], gpus_per_worker: Optional[float],
     return workers, g, c
 
 
+def restarted(ray, actor, lost, wait_s: float = 300.0) -> dict:
+    """The info of ``actor`` once Ray has restarted it (calls fail while it restarts)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.get(actor.info.remote(), timeout=wait_s)
+        except lost + (ray.exceptions.GetTimeoutError,):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def run_ray(todo: List[SlideRecord], ledger: Ledger, work: dict, *, address: Optional[str], workers: Optional[int],
             gpus_per_worker: Optional[float], cpus_per_worker: Optional[float]) -> None:
     """The Ray engine: every slide of ``todo`` through the workers, one slide in flight per
@@ -67,7 +81,9 @@ def run_ray(todo: List[SlideRecord], ledger: Ledger, work: dict, *, address: Opt
         cls = ray.remote(SlideWorker).options(num_gpus=g, num_cpus=c, max_restarts=-1, max_task_retries=0)
         model_ref = ray.put(work["model"])
         shared = dict(work, model=None)
-        actors = [cls.remote(model_ref, i, int(c)) for i in range(n)]
+        import torch
+
+        actors = [cls.remote(model_ref, i, torch.get_num_threads()) for i in range(n)]
         lost = actor_errors(ray)
         try:
             infos = ray.get([a.info.remote() for a in actors])
@@ -86,7 +102,7 @@ def run_ray(todo: List[SlideRecord], ledger: Ledger, work: dict, *, address: Opt
                     except lost as exc:
                         error = " ".join(f"{infos[i]['name']} was lost ({type(exc).__name__}: {exc})".split())[:500]
                         result = dict(status="failed", error=error, retryable=True, worker=infos[i]["name"])
-                        infos[i] = ray.get(actors[i].info.remote())  # restarted by Ray: its new process
+                        infos[i] = restarted(ray, actors[i], lost)  # Ray restarts it: its new process
                     if not ledger.settle(rec, result):
                         queue.appendleft(rec)  # retried next, from its checkpoint
                     idle.append(i)

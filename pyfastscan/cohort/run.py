@@ -254,8 +254,11 @@ def scan_cohort(slides, model, out: str, *, engine: str = "local", address: Opti
             GPUs).
         gpus_per_worker: GPUs each Ray worker holds (default 1 when the cluster has GPUs,
             else 0; 0.5 puts two workers on each GPU).
-        cpus_per_worker: CPUs each Ray worker holds (default: the cluster's CPUs shared
-            among the workers); its torch threads are this, rounded down, at least 1.
+        cpus_per_worker: CPUs each Ray worker holds for Ray's scheduling (default: the
+            cluster's CPUs shared among the workers). A worker runs as many torch threads as
+            this process (``torch.set_num_threads``; CLI ``--threads``): oneDNN's sums, so a
+            map's last bits, depend on the thread count, and so the maps are those this
+            process would compute.
         retries: attempts after the first for a slide that fails with an error another
             attempt may cure (its worker lost, an I/O or read error); each resumes from the
             slide's checkpoint. Bad options, unusable output folders and bugs are not retried.

@@ -112,11 +112,10 @@ def portable_slide(slide):
 class RoiWorker:
     """A Ray actor computing ROI batches of one slide at a time (see the module docstring)."""
 
-    def __init__(self, model, options: dict, threads: Optional[int] = None):
+    def __init__(self, model, options: dict, threads: int):
         import torch
 
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the driver's: oneDNN's sums, so the maps' last bits, depend on it
         self.model, self.options = model, options
         self.scanners, self.stack, self.job, self.slide_key = {}, None, None, None
 
@@ -177,7 +176,9 @@ def infer_rois_ray(job, todo: list, slide, model, options: dict, *, workers: Opt
                                                                            / n),
                                             num_gpus=1 if on_gpu else 0, max_restarts=-1, max_task_retries=0)
         model_ref = ray.put(model)
-        actors = [cls.remote(model_ref, options) for _ in range(n)]
+        import torch
+
+        actors = [cls.remote(model_ref, options, torch.get_num_threads()) for _ in range(n)]
         lost = actor_errors(ray)
         queue = deque((b, 0) for b in split([tuple(r) for r in todo], n * BATCHES_PER_WORKER))
         pending, load = {}, [0] * n
