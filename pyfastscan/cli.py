@@ -399,6 +399,10 @@ def _run(args) -> int:
 
         return bench_main(args)
     if args.command == "scan":
+        if args.workers is not None and args.engine != "ray":
+            print("pyfastscan scan: error: --workers are Ray workers: add --engine ray (reader threads: --readers)",
+                  file=sys.stderr)
+            return EXIT_USAGE
         return _slides(args, _scan_one)
     if args.command == "cohort":
         from .cohort.cli import main as cohort

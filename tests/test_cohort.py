@@ -312,6 +312,15 @@ def test_one_slide_over_two_ray_workers_equals_the_local_scan(tmp_path, ray_sess
     assert again.n_rois_resumed == again.n_rois and np.array_equal(again.heatmap, local.heatmap)
 
 
+def test_pyfastscan_scan_over_two_ray_workers(tmp_path, weights, ray_session):
+    path = _tiled(tmp_path / "one.tif", _tissue(h=180, w=170, seed=7))
+    args = ["--weights", weights, *ARGS, "--roi-outputs", "6"]
+    assert main(["scan", path, "--out", str(tmp_path / "local"), *args]) == 0
+    assert main(["scan", path, "--out", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2", *args]) == 0
+    assert np.array_equal(_heat(tmp_path / "local"), _heat(tmp_path / "ray"))
+    assert main(["scan", path, "--out", str(tmp_path / "x"), "--workers", "2", *args]) == 2  # workers are Ray's
+
+
 def test_bad_cohort_options_are_usage_errors(tmp_path, weights, capsys):
     from pyfastscan.cohort import scan_cohort
     from pyfastscan.errors import InvalidArgumentError
