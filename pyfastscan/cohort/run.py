@@ -27,9 +27,9 @@ from typing import List, Optional
 
 from ..errors import InvalidArgumentError, failure_reason
 from ..io.files import claim_folder, mark_failed, slide_folders, write_status, write_text
+from ..pipeline.scan import ENGINES
 from ..validate import check, check_optional
 
-ENGINES = ("local", "ray")
 COHORT_CSV, COHORT_EVENTS = "cohort.csv", "cohort.jsonl"
 COLUMNS = ("slide", "status", "score", "detections", "tissue_cells", "seconds", "worker", "error")
 JOB = "cohort"
