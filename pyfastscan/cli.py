@@ -1,4 +1,4 @@
-"""Command line: `pyfastscan info`, `demo`, `models`, `scan`, `mitosis`, `export`, `evaluate`."""
+"""Command line: `pyfastscan info`, `demo`, `models`, `scan`, `cohort`, `mitosis`, `export`, `evaluate`."""
 import argparse
 import json
 import os
@@ -7,10 +7,10 @@ import sys
 import warnings
 
 from ._version import __version__
-from .clihelp import ERROR_LOG, EXIT_CODES, HelpFormatter, add_command
+from .clihelp import EXIT_CODES, HelpFormatter, add_command
 from .validate import cli_type
 
-CHECKPOINT = ".pyfastscan-scan.ckpt"  # in each slide's output folder while its scan runs
+from .pipeline.scan import CHECKPOINT  # in each slide's output folder while its scan runs
 
 
 def _roi_outputs(v: str):
@@ -71,18 +71,16 @@ def _load_cli_model(args):
 
 def _scan_one(slide, out, model, args, command):
     """Scan one slide into ``out``; the checkpoint lives there until the outputs are written."""
-    from . import scan_slide
+    from .pipeline.scan import scan_to_folder
 
     truth = _truth(args.truth, slide) if args.truth else None  # a bad file fails before the scan
-    ckpt = os.path.join(out, CHECKPOINT)
-    res = scan_slide(slide, model, checkpoint=ckpt, resume=args.resume and os.path.exists(ckpt), **_common(args))
-    paths = res.save(out, command=command, heatmap_dtype="float32" if args.heatmap_float else "uint8", truth=truth)
-    os.remove(ckpt)  # the outputs are complete: nothing left to resume
+    res = scan_to_folder(slide, out, model, resume=args.resume, command=command,
+                         heatmap_dtype="float32" if args.heatmap_float else "uint8", truth=truth, engine=args.engine,
+                         workers=args.workers, address=args.ray_address, **_common(args))
     t = res.timings
     resumed = f" ({res.n_rois_resumed} from the checkpoint)" if res.n_rois_resumed else ""
     return (f"score {res.score:.4f}, {len(res.detections)} detections, {res.n_rois}/{res.n_rois_total} ROIs{resumed}, "
-            f"{t['total']:.1f} s (infer {t['infer']:.1f} s, waiting for reads {t['read_wait']:.1f} s) "
-            f"-> {os.path.dirname(paths['report'])}")
+            f"{t['total']:.1f} s (infer {t['infer']:.1f} s, waiting for reads {t['read_wait']:.1f} s) -> {out}")
 
 
 def _truth(where: str, slide):
@@ -119,26 +117,7 @@ def _mitosis_one(slide, out, model, args, command):
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-def _internal_error(folder, where: str, exc: BaseException) -> str:
-    """Keep the traceback of an unexpected exception in ``folder``/ERROR_LOG; returns the
-    one line the terminal gets."""
-    import traceback
-
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        log = os.path.join(folder, ERROR_LOG)
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(f"pyfastscan {__version__}: {where}\n{text}\n")
-        kept = f"traceback in {log}"
-    except OSError:
-        import tempfile
-
-        fd, log = tempfile.mkstemp(prefix="pyfastscan-error-", suffix=".log")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        kept = f"traceback in {log}"
-    return f"internal error ({type(exc).__name__}: {exc}); please report it with the {kept}"
+from .errors import internal_error as _internal_error  # noqa: E402  (kept below the CLI for the jobs)
 
 
 def _slides(args, run_one) -> int:
@@ -206,42 +185,13 @@ def _slides(args, run_one) -> int:
     return EXIT_OK
 
 
-def _reason(exc: BaseException, folder: str, where: str):
-    """(the one-line reason a slide failed, whether it is an internal error). Errors a user
-    can act on are pyfastscan's own, the system's (OSError) and running out of memory;
-    anything else is a bug, whose traceback is kept in ``folder``/ERROR_LOG."""
-    from .errors import PyfastscanError
-
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted", False
-    if isinstance(exc, MemoryError):
-        return f"out of memory ({_one_line(exc) or 'MemoryError'}); try a smaller --memory-mib or --roi-outputs", False
-    if isinstance(exc, (PyfastscanError, OSError)):
-        return _one_line(exc), False
-    return _internal_error(folder, where, exc), True
+from .errors import failure_reason as _reason, one_line as _one_line  # noqa: E402
+from .io.files import mark_failed as _mark_failed  # noqa: E402
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def _mark_failed(out: str, path: str, job: str, reason: str) -> None:
-    """Leave ``out`` marked failed: status "failed" with the reason, no report.json (a
-    report from a previous run of this folder would otherwise look like this run's)."""
-    from .io.files import write_status
-
-    try:
-        report = os.path.join(out, "report.json")
-        if os.path.exists(report):
-            os.remove(report)
-        write_status(out, "failed", slide=os.path.abspath(path), job=job, reason=reason)
-    except OSError:
-        pass  # the folder itself is what failed: nothing can be marked in it
-
-
-def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int, examples):
+def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int, examples, slides: str = "+"):
     p = add_command(sub, name, help=help, examples=examples)
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (anything OpenSlide or tifffile reads)")
+    p.add_argument("slides", nargs=slides, metavar="SLIDE", help="slide files (anything OpenSlide or tifffile reads)")
     _model_options(p, alpha, f"default {arch} for a file that names none")
     p.set_defaults(default_arch=arch)
     p.add_argument("--out", required=True,
@@ -298,6 +248,24 @@ def _model_options(p, alpha: int, arch_help: str = "", weights_required: bool = 
     p.add_argument("--patch", type=cli_type("patch"), default=None, help="patch mode: patch side in px (default: the file's)")
     p.add_argument("--stride", type=cli_type("stride"), default=None,
                    help="patch mode: grid stride at alpha 1 in px (default: the file's); the step is stride / alpha")
+
+
+def _scan_options(scan) -> None:
+    """The options `pyfastscan scan` adds to a slide job's (`pyfastscan cohort` takes them too)."""
+    scan.add_argument("--resume", action="store_true",
+                      help=f"continue an interrupted scan from the ROIs it finished (kept in OUT/{CHECKPOINT} "
+                           "until the outputs are written)")
+    scan.add_argument("--heatmap-float", action="store_true",
+                      help="write heatmap.tif as float32 probabilities (QuPath, tifffile) instead of uint8 x 255 "
+                           "(which OpenSlide and ASAP also open)")
+    scan.add_argument("--engine", choices=("local", "ray"), default="local",
+                      help="local (default: this process) or ray (Ray workers, pip install \"pyfastscan[ray]\"; "
+                           "scan: the ROIs of each slide over --workers; cohort: whole slides per worker)")
+    scan.add_argument("--workers", type=cli_type("workers"), default=None,
+                      help="Ray workers (default: one per GPU of the cluster; scan: else 2, cohort: else one per node)")
+    scan.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                      help="join this Ray cluster (`ray start --head`; auto: the one on this machine) instead of "
+                           "starting a local Ray instance bound to 127.0.0.1")
 
 
 def _models(args) -> int:
@@ -412,17 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  "pyfastscan scan slides/*.tif --weights model.safetensors --out results --resume",
                                  "pyfastscan scan slide.svs --weights vgg.pth --arch vgg16_fcn --alpha 4 "
                                  "--precision fp32 --out results  # a bare state dict",
-                                 "pyfastscan scan slide.svs --weights resnet.safetensors --mode patch --out results"])
-    scan.add_argument("--resume", action="store_true",
-                      help=f"continue an interrupted scan from the ROIs it finished (kept in OUT/{CHECKPOINT} "
-                           "until the outputs are written)")
-    scan.add_argument("--heatmap-float", action="store_true",
-                      help="write heatmap.tif as float32 probabilities (QuPath, tifffile) instead of uint8 x 255 "
-                           "(which OpenSlide and ASAP also open)")
+                                 "pyfastscan scan slide.svs --weights resnet.safetensors --mode patch --out results",
+                                 "pyfastscan scan big.svs --weights model.safetensors --engine ray --workers 4 --out r"])
+    _scan_options(scan)
     scan.add_argument("--truth", default=None, metavar="FILE",
                       help="ground truth to outline in overlay.png: an ASAP .xml, a .geojson or a SlideRunner "
                            "database (the slide's entry), or a folder of NAME.xml / NAME.geojson named like the "
                            "slides (default: none)")
+    from .cohort.cli import add_parser as add_cohort_parser
+
+    add_cohort_parser(sub, _slide_job_parser, _scan_options)
     mit = _slide_job_parser(sub, "mitosis", "mitoses, hotspot and grade per slide (Tellez et al.)", "tellez_cnn", 1, [
         "pyfastscan mitosis slide.svs --weights tellez.safetensors --out mitoses",
         "pyfastscan mitosis slide.svs --weights tellez.safetensors --region tumour.xml --out mitoses  # count there"])
@@ -500,7 +467,15 @@ def _run(args) -> int:
     if args.command == "bench":
         return _bench(args)
     if args.command == "scan":
+        if args.workers is not None and args.engine != "ray":
+            print("pyfastscan scan: error: --workers are Ray workers: add --engine ray (reader threads: --readers)",
+                  file=sys.stderr)
+            return EXIT_USAGE
         return _slides(args, _scan_one)
+    if args.command == "cohort":
+        from .cohort.cli import main as cohort
+
+        return cohort(args, _load_cli_model, _common)
     if args.command == "mitosis":
         if args.theta1 > args.theta2:
             print(f"pyfastscan mitosis: error: --theta1 ({args.theta1:g}) must not exceed --theta2 "

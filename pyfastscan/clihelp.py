@@ -4,7 +4,8 @@ use :func:`add_command` too, so ``pyfastscan X --help`` reads the same for every
 tests/test_cli_help.py walks the whole parser and holds every command to it."""
 import argparse
 
-ERROR_LOG = "pyfastscan-error.log"  # where an internal error's traceback is kept, in the output folder
+from .errors import ERROR_LOG
+
 EXIT_CODES = ("exit status: 0 every slide done, 1 some slides failed (each reported on one line), "
               "2 usage error (a bad option or weights file), 3 internal error (the traceback is in "
               f"{ERROR_LOG} in the output folder)")

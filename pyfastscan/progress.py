@@ -14,7 +14,8 @@ class Progress:
         self.start = time.perf_counter()
         self.last = 0.0
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, note: str = "") -> None:
+        """``note`` is added to the line (e.g. "1 failed")."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -25,6 +26,7 @@ class Progress:
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         line = f"{self.label}: {done}/{self.total} {self.unit}, {rate:.2f} {self.unit.rstrip('s')}/s, ETA {eta:.0f} s"
+        line += f", {note}" if note else ""
         if self.tty:
             sys.stderr.write(f"\r{line}   " + ("\n" if done >= self.total else ""))
         else:

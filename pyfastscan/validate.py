@@ -68,6 +68,9 @@ OPTIONS = {
     "positive_class": Number(integer=True, lo=0, hi=(1 << 16) - 1),
     "roi_outputs": Number(integer=True, lo=1, hi=1 << 16),
     "workers": Number(integer=True, lo=1, hi=256),  # Ray workers (engine="ray")
+    "retries": Number(integer=True, lo=0, hi=100),  # cohort: attempts after the first for a slide that fails
+    "gpus_per_worker": Number(lo=0, hi=64),  # cohort: GPUs each Ray worker holds (a fraction shares one)
+    "cpus_per_worker": Number(lo=0, hi=4096, lo_open=True),  # cohort: CPUs each Ray worker holds
     "readers": Number(integer=True, lo=1, hi=256),  # reader threads decoding ROIs ahead of the model
     "patch": Number(integer=True, lo=1, hi=1 << 16),
     "stride": Number(integer=True, lo=1, hi=1 << 16),

@@ -14,6 +14,7 @@ Tolerances are derived, not tuned (DESIGN.md 5):
 """
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from pyfastscan import _native
+from pyfastscan.dense import DenseModel
 
 UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8}
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -227,3 +229,19 @@ def unwritable_folder(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     return ro / "out"
+
+
+class SlowDense(DenseModel):
+    """A DenseModel that sleeps ``delay`` seconds in every forward, then computes the real
+    map of ``dense``: a slide that takes long enough to be interrupted from a test (the
+    cohort tests kill its Ray worker midway). Importable by Ray workers (tests/ is on their
+    path)."""
+
+    def __init__(self, dense, delay: float):
+        super().__init__(dense.layers, dense.geometry, dense.plan, dense.precision, dense.group,
+                         dense.ends_with_softmax)
+        self.delay = delay
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        return super().forward(x)

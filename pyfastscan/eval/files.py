@@ -99,19 +99,29 @@ def read_points(path: str, slide: Optional[str] = None, cls: Optional[str] = Non
 
 
 def prediction_files(folder: str) -> Dict[str, str]:
-    """Slide name -> its detections CSV in ``folder`` (NAME.csv, NAME/detections.csv or
-    NAME/camelyon16_submission.csv)."""
+    """Slide name -> its detections CSV in ``folder``: NAME.csv, or NAME/detections.csv
+    (else NAME/camelyon16_submission.csv) at any depth (a cohort's OUT/<relative path>/NAME/,
+    see pyfastscan.cohort); the cohort's own cohort.csv is not a slide's. Two slides of the
+    same name are refused."""
     if not os.path.isdir(folder):
         raise AnnotationError(f"{folder}: no such folder")
     out = {}
+
+    def add(name, path):
+        if name in out:
+            raise AnnotationError(f"{folder}: two predictions for slide {name!r} ({out[name]} and {path}); evaluate "
+                                  "their folders separately")
+        out[name] = path
+
     for entry in sorted(os.listdir(folder)):
         p = os.path.join(folder, entry)
-        if entry.lower().endswith(".csv") and os.path.isfile(p):
-            out[entry[:-4]] = p
-        else:
-            found = next((os.path.join(p, n) for n in SCAN_CSVS if os.path.isfile(os.path.join(p, n))), None)
-            if found:
-                out[entry] = found
+        if entry.lower().endswith(".csv") and os.path.isfile(p) and entry != "cohort.csv":
+            add(entry[:-4], p)
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found = next((n for n in SCAN_CSVS if n in files), None)
+        if root != folder and found:
+            add(os.path.basename(root), os.path.join(root, found))
     return out
 
 

@@ -213,3 +213,15 @@ def claim_folder(folder: str, slide: str, job: str, overwrite: bool = False) -> 
         lock.__exit__(None, None, None)
         raise
     return lock
+
+
+def mark_failed(folder: str, slide: str, job: str, reason: str) -> None:
+    """Leave ``folder`` marked failed: status "failed" with the reason, no report.json (a
+    report from a previous run of this folder would otherwise look like this run's)."""
+    try:
+        report = os.path.join(folder, "report.json")
+        if os.path.exists(report):
+            os.remove(report)
+        write_status(folder, "failed", slide=os.path.abspath(slide), job=job, reason=reason)
+    except OSError:
+        pass  # the folder itself is what failed: nothing can be marked in it

@@ -256,12 +256,12 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: Op
               stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
               positive_class: Optional[int] = None, progress: bool = False, scan_mpp: Optional[float] = None,
               slide_mpp: Optional[float] = None, model_mpp: Optional[float] = None,
-              default_alpha: int = 2) -> ScanJob:
+              default_alpha: int = 2, scanners: Optional[dict] = None) -> ScanJob:
     """Open ``slide`` (closed by ``stack`` if opened here), make the scanner (dense or
-    patch mode, :func:`make_scanner`), find the tissue and plan the ROIs. Arguments as
+    patch mode, :func:`make_scanner`; cached in ``scanners`` when given, see
+    :func:`cached_scanner`), find the tissue and plan the ROIs. Arguments as
     :func:`scan_slide`."""
     from ..precision import resolve_precision, tf32_mode
-    from .scanner import make_scanner
 
     timings = {"open": 0.0, "tissue": 0.0, "read_wait": 0.0, "infer": 0.0, "postprocess": 0.0}
     t0 = time.perf_counter()
@@ -285,9 +285,9 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: Op
     precision, precision_reason = resolve_precision(precision, device, None if param is None else param.dtype)
     precision_reason = own_reason or precision_reason
     stack.enter_context(tf32_mode(device, precision == "tf32"))  # fp32 on CUDA is true fp32
-    sc = make_scanner(model, mode=mode, alpha=alpha, plan=plan, precision="fp32" if precision == "tf32" else precision,
-                      normalize=normalize, patch=patch, stride=stride, batch_size=batch_size,
-                      positive_class=positive_class, memory=budget)
+    sc = cached_scanner(scanners, model, mode=mode, alpha=alpha, plan=plan,
+                        precision="fp32" if precision == "tf32" else precision, normalize=normalize, patch=patch,
+                        stride=stride, batch_size=batch_size, positive_class=positive_class, memory=budget)
     if sc.note and progress:
         print(f"pyfastscan: {sc.note}", file=sys.stderr, flush=True)
     if model_mpp is None and sc.card is not None:
@@ -329,6 +329,24 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: Op
     return ScanJob(s, dense, scan_mpp, scan_ds, n_rows, n_cols, roi_outputs, tissue, thumb, thumb_ds, rois, n_total,
                    level, timings, t0, sc.mode, sc.positive_class, sc.note, sc.card, precision,
                    precision_reason, readers, cells_tissue)
+
+
+def cached_scanner(cache: Optional[dict], model: nn.Module, **kwargs):
+    """:func:`~pyfastscan.pipeline.scanner.make_scanner` of ``model`` with ``kwargs``, kept in
+    ``cache`` (a dict the caller holds; None: no cache) so that a worker scanning many
+    slides converts its model once. The memory budget is part of the key only in patch
+    mode (where it sets the batch size); a dense conversion does not depend on it."""
+    from .scanner import make_scanner
+
+    if cache is None:
+        return make_scanner(model, **kwargs)
+    key = (id(model), repr(sorted((k, v) for k, v in kwargs.items() if k != "memory")))
+    hit = cache.get(key)
+    if hit is not None and hit[0] is model and (hit[1].mode == "dense" or hit[2] == kwargs.get("memory")):
+        return hit[1]
+    sc = make_scanner(model, **kwargs)
+    cache[key] = (model, sc, kwargs.get("memory"))  # holds the model: its id stays its own
+    return sc
 
 
 def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, readers: Optional[int] = None):

@@ -217,7 +217,7 @@ def run_report(result, command: Optional[str] = None) -> dict:
 
 
 def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtype: str = "uint8",
-                truth: Optional[Sequence] = None) -> Dict[str, str]:
+                truth: Optional[Sequence] = None, extra: Optional[dict] = None) -> Dict[str, str]:
     prepare_folder(folder)
     paths = {}
     d, rows, cols, offset = viewer_grid(result.stride_px, result.origin_px, result.slide_size)
@@ -253,7 +253,7 @@ def save_result(result, folder: str, command: Optional[str] = None, heatmap_dtyp
                 "origin_px": list(result.origin_px),
                 "note": "map cell (i, j) is the patch centred at origin + (j, i) * stride, level-0 pixels; "
                         "detections and contours are on this grid"},
-        "rois_resumed": result.n_rois_resumed, **run_report(result, command),
+        "rois_resumed": result.n_rois_resumed, **run_report(result, command), **(extra or {}),
     }
     paths["report"] = write_json(os.path.join(folder, "report.json"), report, indent=2)
     return paths

@@ -20,6 +20,9 @@ from ..errors import InvalidArgumentError
 from ..validate import check, check_optional
 from .engine import Detection, SlideRun, component_maxima, infer_rois, open_scan, scan_key
 
+CHECKPOINT = ".pyfastscan-scan.ckpt"  # in a slide's output folder while its scan runs (scan_to_folder)
+ENGINES = ("local", "ray")
+
 @dataclass
 class ScanResult(SlideRun):
     """Everything a scan produced. heatmap[i, j] is the probability of the patch centred at
@@ -35,16 +38,16 @@ class ScanResult(SlideRun):
     threshold: float = 0.5
 
     def save(self, folder, command: Optional[str] = None, heatmap_dtype: str = "uint8",
-             truth=None) -> Dict[str, str]:
+             truth=None, extra: Optional[dict] = None) -> Dict[str, str]:
         """Write heatmap.tif (``heatmap_dtype`` "uint8" or "float32"; on the slide's grid,
         see pipeline/outputs.py viewer_grid), overlay.png, detections.csv,
         camelyon16_submission.csv, detections.geojson / .xml, heatmap_contours.geojson /
-        .xml and report.json into ``folder`` (created), each atomically. ``truth``: ground
-        truth annotations (e.g. ``pyfastscan.io.read_annotations(path)``) outlined in
-        overlay.png. Returns name -> path."""
+        .xml and report.json (with the entries of ``extra`` added) into ``folder``
+        (created), each atomically. ``truth``: ground truth annotations (e.g.
+        ``pyfastscan.io.read_annotations(path)``) outlined in overlay.png. Returns name -> path."""
         from .outputs import save_result
 
-        return save_result(self, folder, command, heatmap_dtype, truth)
+        return save_result(self, folder, command, heatmap_dtype, truth, extra)
 
 
 def scan_slide(slide, model: nn.Module, *, alpha: Optional[int] = None, mpp: Optional[float] = None, device="cpu",
@@ -54,7 +57,8 @@ def scan_slide(slide, model: nn.Module, *, alpha: Optional[int] = None, mpp: Opt
                positive_class: Optional[int] = None, threshold: float = 0.5, readers: Optional[int] = None,
                checkpoint: Optional[str] = None, resume: bool = False, progress: bool = True,
                scan_mpp: Optional[float] = None, slide_mpp: Optional[float] = None,
-               model_mpp: Optional[float] = None) -> ScanResult:
+               model_mpp: Optional[float] = None, engine: str = "local", workers: Optional[int] = None,
+               address: Optional[str] = None, scanners: Optional[dict] = None) -> ScanResult:
     """Whole-slide scan with any patch classifier: dense when it is padding-free, patch by
     patch otherwise, the same map either way (DESIGN.md 6.2).
 
@@ -100,15 +104,32 @@ def scan_slide(slide, model: nn.Module, *, alpha: Optional[int] = None, mpp: Opt
             again. It must come from a scan of the same slide with the same model and
             parameters (checked). Without resume, the checkpoint starts empty.
         progress: a progress line on stderr.
+        engine: "local" (this process) or "ray": this process plans the ROIs, stitches and
+            keeps the checkpoint, ``workers`` Ray actors (:mod:`pyfastscan.pipeline.distributed`)
+            each open the slide themselves and compute batches of ROIs. The map is the local
+            map, bit for bit (same backend and precision). Needs ``pip install "pyfastscan[ray]"``;
+            ``slide`` must then be a path (or a picklable reader object).
+        workers: Ray actors for engine="ray" (default: one per GPU of the cluster, else 2).
+        address: the Ray cluster for engine="ray": None starts a local instance (bound to
+            127.0.0.1) unless Ray is already initialised in this process; "auto" or
+            "HOST:PORT" joins a running one (``ray start --head``).
+        scanners: a dict kept between calls in which the converted model is cached (a
+            cohort's worker passes one, so it builds its dense model once).
     """
     check("threshold", threshold)
     check_optional("positive_class", positive_class)
+    if engine not in ENGINES:
+        raise InvalidArgumentError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "local" and workers is not None:
+        raise InvalidArgumentError(f"workers={workers!r} is for engine='ray' (Ray actors); the local engine's reader "
+                                   "threads are readers=")
+    workers = check_optional("workers", workers)
+    options = dict(alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan, tissue_mask=tissue_mask,
+                   tissue_labels=tissue_labels, roi_outputs=roi_outputs, memory=memory, readers=readers, mode=mode,
+                   patch=patch, stride=stride, normalize=normalize, batch_size=batch_size,
+                   positive_class=positive_class, scan_mpp=scan_mpp, slide_mpp=slide_mpp, model_mpp=model_mpp)
     with contextlib.ExitStack() as stack:
-        job = open_scan(stack, slide, model, alpha=alpha, mpp=mpp, device=device, precision=precision, plan=plan,
-                        tissue_mask=tissue_mask, tissue_labels=tissue_labels, roi_outputs=roi_outputs,
-                        memory=memory, readers=readers, mode=mode, patch=patch, stride=stride, normalize=normalize,
-                        batch_size=batch_size, positive_class=positive_class, progress=progress, scan_mpp=scan_mpp,
-                        slide_mpp=slide_mpp, model_mpp=model_mpp)
+        job = open_scan(stack, slide, model, progress=progress, scanners=scanners, **options)
         s, rois, timings = job.slide, job.rois, job.timings
         heat = np.zeros((job.n_rows, job.n_cols), dtype=np.float32)  # pages never written stay unallocated
         log = None
@@ -126,8 +147,16 @@ def scan_slide(slide, model: nn.Module, *, alpha: Optional[int] = None, mpp: Opt
             todo = rois
         n_resumed = len(rois) - len(todo)
         label = f"scan {s.name}" + (f" (resuming: {n_resumed} ROIs done before)" if n_resumed else "")
-        for (r0, c0, rows, cols, *_), block in infer_rois(job, todo, device=device, readers=readers, label=label,
-                                                          progress=progress):
+        if engine == "ray":
+            from .distributed import infer_rois_ray
+
+            # the workers plan exactly the driver's ROIs in the driver's precision, whatever their machine
+            options.update(roi_outputs=job.roi_outputs, precision=job.precision)
+            stream = infer_rois_ray(job, todo, slide, model, options, workers=workers, address=address, label=label,
+                                    progress=progress)
+        else:
+            stream = infer_rois(job, todo, device=device, readers=readers, label=label, progress=progress)
+        for (r0, c0, rows, cols, *_), block in stream:
             heat[r0:r0 + rows, c0:c0 + cols] = block
             if log is not None:
                 log.append(r0, c0, block)
@@ -160,3 +189,19 @@ def postprocess(heat: np.ndarray, stride_px: float, origin_px: Tuple[float, floa
     dets = [Detection(p, origin_px[0] + j * stride_px, origin_px[1] + i * stride_px)
             for p, i, j in component_maxima(heat, labels)]
     return sorted(dets, key=lambda d: -d.probability)
+
+
+def scan_to_folder(slide, folder: str, model: nn.Module, *, resume: bool = True, command: Optional[str] = None,
+                   heatmap_dtype: str = "uint8", report_extra: Optional[dict] = None, truth=None,
+                   **options) -> ScanResult:
+    """:func:`scan_slide` into ``folder`` (``pyfastscan scan``'s unit of work): each finished
+    ROI goes to ``folder``/CHECKPOINT as soon as it is computed, the outputs are written
+    (:meth:`ScanResult.save`, with ``report_extra`` in report.json and ``truth`` outlined in
+    overlay.png), then the checkpoint is
+    removed. With ``resume``, a checkpoint an interrupted run left there is continued (it
+    must belong to the same scan: checked). ``options`` go to :func:`scan_slide`."""
+    ckpt = os.path.join(folder, CHECKPOINT)
+    res = scan_slide(slide, model, checkpoint=ckpt, resume=resume and os.path.exists(ckpt), **options)
+    res.save(folder, command=command, heatmap_dtype=heatmap_dtype, truth=truth, extra=report_extra)
+    os.remove(ckpt)  # the outputs are complete: nothing left to resume
+    return res
