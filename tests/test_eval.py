@@ -272,3 +272,15 @@ def test_cli_f1_and_bad_input(tmp_path, capsys):
     assert "bad.csv: line 2: x='x' is not a number" in capsys.readouterr().err
     assert main(["evaluate", "froc", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)]) == 2
     assert "nope: no such folder" in capsys.readouterr().err
+
+
+def test_froc_plot_starts_where_the_curve_crosses_the_left_edge():
+    """On the log axis the curve begins at the axis's left end with the linear reading's
+    value there, so the dot drawn at 1/4 lies on the curve (points further left are off the axis)."""
+    from pyfastscan.eval.plot import _clip_left
+
+    line = [(0.0, 0.0), (0.05, 0.4), (0.1, 0.45), (0.3, 0.55), (1.0, 0.7)]
+    got = _clip_left(line, 0.25)
+    assert got[1:] == line[3:] and got[0][0] == 0.25
+    assert got[0][1] == pytest.approx(float(np.interp(0.25, [p[0] for p in line], [p[1] for p in line])))
+    assert _clip_left(line[:2], 0.25) == [(0.25, 0.4)] and _clip_left(line[3:], 0.25) == line[3:]

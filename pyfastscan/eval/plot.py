@@ -30,12 +30,28 @@ def _clip_right(pts):
     return out
 
 
+def _clip_left(line, x_min: float):
+    """The polyline (x, y) from x_min on: the points left of it replaced by the point where
+    the curve crosses x_min, interpolated linearly in x (the FROC's linear reading, so that
+    a dot drawn at x_min lies on the curve). A curve wholly left of x_min keeps its last
+    point, drawn at the left edge."""
+    right = [p for p in line if p[0] >= x_min]
+    left = [p for p in line if p[0] < x_min]
+    if not left:
+        return right
+    (x0, y0) = left[-1]
+    if not right:
+        return [(x_min, y0)]
+    (x1, y1) = right[0]
+    return [(x_min, y0 + (y1 - y0) * (x_min - x0) / (x1 - x0))] + right
+
+
 def write_curve_png(path: str, xs: Sequence[float], ys: Sequence[float], xlabel: str, ylabel: str, title: str,
                     marks: Sequence[float] = (), size=(720, 500), log_x: bool = False,
                     points: Optional[Sequence[float]] = None) -> str:
     """Line plot of (xs, ys), y in [0, 1]; x from 0 to max(xs, marks), or with ``log_x`` a
-    base-2 log axis from min(marks) to max(marks) (x below the axis drawn at its left edge,
-    so the curve's start at 0 false positives shows); vertical grid lines and tick labels at
+    base-2 log axis from min(marks) to max(marks) (the curve starts where it crosses the
+    axis's left edge, interpolated linearly in x); vertical grid lines and tick labels at
     ``marks`` (1/4, 1/2, ... written as fractions); ``points``, the curve's y at each mark,
     drawn as dots with their values. The curve is cut where it leaves the axis on the right.
     Tick labels never overlap: one too close to the previous one is left out. Written
@@ -85,7 +101,10 @@ def write_curve_png(path: str, xs: Sequence[float], ys: Sequence[float], xlabel:
             last_right = x + tw / 2
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     order = np.lexsort((ys, xs))  # along x, and up at equal x
-    pts = _clip_right([(float(fx(x)), float(y)) for x, y in zip(xs[order], ys[order])])
+    line = [(float(x), float(y)) for x, y in zip(xs[order], ys[order])]
+    if log_x:
+        line = _clip_left(line, 2.0 ** lo)
+    pts = _clip_right([(float(fx(x)), float(y)) for x, y in line])
     pts = [(left + u * (w - left - right), h - bottom - y * (h - top - bottom)) for u, y in pts]
     if len(pts) > 1:
         d.line(pts, fill=(200, 30, 30), width=2)
