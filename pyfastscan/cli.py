@@ -1,4 +1,4 @@
-"""Command line: `pyfastscan info`, `demo`, `models`, `scan`, `mitosis`, `export`, `evaluate`."""
+"""Command line: `pyfastscan info`, `demo`, `models`, `scan`, `mitosis`, `export`, `evaluate`, `train`, `mine`."""
 import argparse
 import json
 import os
@@ -391,6 +391,9 @@ def main(argv=None) -> int:
     from .eval.cli import add_parsers
 
     add_parsers(sub)
+    from .train.cli import add_parsers as add_train_parsers
+
+    add_train_parsers(sub)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # a usage error (2, said on stderr) or --help (0): a status, in-process too
@@ -444,6 +447,10 @@ def _run(args) -> int:
         from .eval.cli import main as evaluate
 
         return evaluate(args)
+    if args.command in ("train", "mine"):
+        from .train.cli import main as train_main
+
+        return train_main(args)
     return 2
 
 
