@@ -210,7 +210,7 @@ class Augment:
         if not self.config.warps:
             m = (S - P) // 2
             return x[..., m:m + P, m:m + P]
-        from kornia.utils import create_meshgrid
+        from kornia.geometry import create_meshgrid
 
         dev, dt = x.device, x.dtype
         grid = create_meshgrid(P, P, normalized_coordinates=False, device=dev, dtype=dt)  # (1, P, P, 2) x, y
@@ -248,7 +248,7 @@ class Augment:
         """Step 4."""
         if self.config.blur_sigma[1] <= 0:
             return x
-        return _blur(x, p.blur_sigma, self.config.blur_sigma[1])
+        return _blur(x, p.blur_sigma, self.config.blur_sigma[1]).clamp(0, 1)  # the kernel sums to 1 within rounding
 
     def noise(self, x: torch.Tensor, p: Params) -> torch.Tensor:
         """Step 5."""

@@ -246,9 +246,6 @@ def fit(arch: str, train, val=None, *, arch_kwargs: Optional[dict] = None, model
         score = sign * metric if val is not None else metric
         if best[0] is None or (math.isfinite(score) and (not math.isfinite(best[0]) or score > best[0])):
             best = (score, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        if log:
-            vals = "".join(f", {k} {row[k]:.4f}" for k in ("val_loss", "val_f1", "val_auc") if k in row)
-            log(f"epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}{vals} ({row['seconds']:.1f} s)")
         if out is not None:
             from ..io.files import write_text
             from .plot import write_learning_curve
@@ -258,6 +255,9 @@ def fit(arch: str, train, val=None, *, arch_kwargs: Optional[dict] = None, model
                                         best_metric=best[0], best_epoch=best[1], best_state=best[2]))
             files["metrics"] = write_text(os.path.join(out, "metrics.csv"), _metrics_csv(history))
             files["learning_curve"] = write_learning_curve(os.path.join(out, "learning_curve.png"), history)
+        if log:  # after the checkpoint: an interruption here loses nothing
+            vals = "".join(f", {k} {row[k]:.4f}" for k in ("val_loss", "val_f1", "val_auc") if k in row)
+            log(f"epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}{vals} ({row['seconds']:.1f} s)")
     model.load_state_dict(best[2])
     model.eval()
     best_metric = sign * best[0] if val is not None else float("nan")
