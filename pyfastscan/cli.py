@@ -353,7 +353,10 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print what was built and which backends can run here")
     info.add_argument("--json", action="store_true", help="print the full build_info() as JSON")
-    sub.add_parser("demo", help="run the demonstration on bundled / generated data")
+    demo = sub.add_parser("demo", help="run the demonstration on bundled / generated data")
+    demo.add_argument("--train", action="store_true",
+                      help="instead: train the demo model with `pyfastscan train` and one hard negative mining "
+                           "round (a few minutes), reporting the held-out false-positive share before and after")
     models = sub.add_parser("models", help="list the registered architectures (patch, stride, parameters)")
     models.add_argument("--json", action="store_true", help="print the table as JSON")
     scan = _slide_job_parser(sub, "scan", "dense whole-slide scan: heat map, detections, report per slide",
@@ -426,7 +429,7 @@ def _run(args) -> int:
     if args.command == "demo":
         from . import demo
 
-        return demo.main()
+        return demo.train_main() if args.train else demo.main()
     if args.command == "models":
         return _models(args)
     if args.command == "export":

@@ -86,6 +86,17 @@ def test_positives_are_centred_on_the_annotations(synthetic):
         assert len(mine) > 5 and mine[:, 0].std() > 1
 
 
+def test_a_positive_inset_keeps_centres_inside_the_region(synthetic):
+    spec, _ = synthetic
+    ds = PatchDataset([spec], MPP, 16, context=24, length=1000, shares={"positive": 1.0}, positive_inset_um=16)
+    xy = np.array([(d.x, d.y) for d in _draws(ds, 1000)])
+    xy = xy[_rect_distance(xy[:, 0], xy[:, 1]) == 0]  # the region's draws (the points have no inset)
+    x0, y0, x1, y1 = RECT
+    depth = np.minimum.reduce([xy[:, 0] - x0, x1 - xy[:, 0], xy[:, 1] - y0, y1 - xy[:, 1]])
+    assert len(xy) > 100 and depth.min() >= 16 - 4  # a cell (8 px) centre >= 16 deep, the draw within the cell
+    assert depth.min() < 16  # and cells right at the inset are used
+
+
 def test_pixels_are_read_around_the_centre(synthetic):
     spec, img = synthetic
     ds = PatchDataset([spec], MPP, 16, context=24, length=50, shares={"positive": 1, "negative": 1, "hard": 1})

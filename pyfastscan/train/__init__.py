@@ -13,8 +13,8 @@ The command line: ``pyfastscan train`` and ``pyfastscan mine`` (pyfastscan/train
 from .augment import PRESETS, Augment, AugmentConfig, Params
 from .dataset import Draw, PatchDataset, SlideLabels, SlideSpec, read_manifest, slide_labels, write_manifest
 from .fit import FitResult, binary_metrics, evaluate, fit
-from .mine import Mined, fp_share, mine, mine_slide, train_rounds, validation_fp, write_negatives
+from .mine import Mined, fp_share, mine, mine_slide, sensitivity, train_rounds, validation_fp, write_negatives
 
 __all__ = ["PRESETS", "Augment", "AugmentConfig", "Params", "Draw", "PatchDataset", "SlideLabels", "SlideSpec",
            "read_manifest", "slide_labels", "write_manifest", "FitResult", "binary_metrics", "evaluate", "fit",
-           "Mined", "fp_share", "mine", "mine_slide", "train_rounds", "validation_fp", "write_negatives"]
+           "Mined", "fp_share", "sensitivity", "mine", "mine_slide", "train_rounds", "validation_fp", "write_negatives"]

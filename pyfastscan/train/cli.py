@@ -81,6 +81,8 @@ def add_parsers(sub) -> None:
                         "positive=0.5,negative=0.5)")
     t.add_argument("--jitter-um", type=cli_type("jitter_um", _NONNEG), default=None,
                    help="shift of point-centred patches, um per axis (default a quarter patch)")
+    t.add_argument("--positive-inset-um", type=cli_type("positive_inset_um", _NONNEG), default=0.0,
+                   help="positive patches are centred at least this deep inside their region, um (default 0)")
     t.add_argument("--classes", default="negative,positive", help="class names (default negative,positive)")
     t.add_argument("--workers", type=cli_type("workers", _INT0), default=0,
                    help="DataLoader processes reading patches (default 0: in the training process)")
@@ -152,7 +154,7 @@ def _train(args) -> int:
         context = patch + 2 * math.ceil(0.14 * patch) if cfg.warps or cfg.rot90 else patch
     val_specs = [s for s in specs if s.split == "val"]
     common = dict(context=context, grid_um=args.grid_um, margin_um=args.margin_um, jitter_um=args.jitter_um,
-                  seed=args.seed)
+                  seed=args.seed, positive_inset_um=args.positive_inset_um)
     train_ds = PatchDataset(specs, mpp, patch, split="train", length=args.epoch_patches, shares=args.shares, **common)
     val_ds = None
     if val_specs:
@@ -173,7 +175,8 @@ def _train(args) -> int:
                           workers=args.workers, seed=args.seed, classes=classes)
     for r in report["rounds"]:
         print(f"mining round {r['round']}: {r['found']} hard negatives; false-positive share on the validation "
-              f"slides {r['fp_before']:.2%} before, {r['fp_after']:.2%} after")
+              f"slides {r['fp_before']:.2%} before, {r['fp_after']:.2%} after (positive cells found "
+              f"{r['sensitivity_before']:.2%} before, {r['sensitivity_after']:.2%} after)")
     print(f"wrote {report['weights']} (pyfastscan scan --weights takes it as it is)")
     return 0
 

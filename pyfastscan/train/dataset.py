@@ -397,6 +397,10 @@ class PatchDataset(torch.utils.data.Dataset):
         grid_um: label-grid cell side in um (default 8).
         margin_um: negatives keep this far from every positive (default 0.5 patch).
         jitter_um: uniform shift of point-centred patches on each axis (default 0.25 patch).
+        positive_inset_um: positive region cells must lie this deep inside their region
+            (the distance from the cell's centre to the nearest cell centre outside it, less
+            half a cell; default 0: every cell), so that positive patches of small regions
+            are not mostly their surroundings.
         seed: the draws' seed; ``set_epoch`` changes the epoch.
         split: use only the slides of this split ("train", "val"), or None for all.
     Returns (``ds[i]``):
@@ -405,7 +409,8 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __init__(self, slides, mpp: float, patch: int, *, context: Optional[int] = None, length: int = 10_000,
                  shares: Optional[Dict[str, float]] = None, grid_um: float = 8.0, margin_um: Optional[float] = None,
-                 jitter_um: Optional[float] = None, seed: int = 0, split: Optional[str] = None):
+                 jitter_um: Optional[float] = None, seed: int = 0, split: Optional[str] = None,
+                 positive_inset_um: float = 0.0):
         if isinstance(slides, (str, os.PathLike)):
             slides = read_manifest(slides)
         self.specs = [s for s in slides if split is None or s.split == split]
@@ -423,6 +428,7 @@ class PatchDataset(torch.utils.data.Dataset):
             check("margin_um", margin_um, Number(lo=0, hi=1e6))
         self.jitter_um = 0.25 * self.patch * self.mpp if jitter_um is None else \
             check("jitter_um", jitter_um, Number(lo=0, hi=1e6))
+        self.positive_inset_um = check("positive_inset_um", positive_inset_um, Number(lo=0, hi=1e6))
         self.seed, self.epoch = int(seed), 0
         shares = dict(shares or {"positive": 0.5, "negative": 0.5})
         bad = [k for k in shares if k not in POOLS]
@@ -456,13 +462,22 @@ class PatchDataset(torch.utils.data.Dataset):
                 self.levels.append((scan_ds, level, level_ds))
             finally:
                 s.close()
-        self._cells = {"positive": [np.flatnonzero(lb.positive) for lb in self.labels],
+        self._cells = {"positive": [np.flatnonzero(self._core(lb)) for lb in self.labels],
                        "negative": [np.flatnonzero(lb.tissue) for lb in self.labels]}
         self.counts = {
             "positive": np.array([len(c) + len(lb.points) for c, lb in zip(self._cells["positive"], self.labels)]),
             "negative": np.array([len(c) for c in self._cells["negative"]]),
             "hard": np.array([len(lb.hard) for lb in self.labels])}
         self._cum = {k: np.cumsum(v) for k, v in self.counts.items()}
+
+    def _core(self, lb: SlideLabels) -> np.ndarray:
+        """The positive cells at least positive_inset_um inside their region."""
+        if self.positive_inset_um <= 0 or not lb.positive.any():
+            return lb.positive
+        from scipy import ndimage
+
+        depth = ndimage.distance_transform_edt(np.pad(lb.positive, 1))[1:-1, 1:-1] * lb.d - lb.d / 2
+        return lb.positive & (depth >= self.positive_inset_um / lb.slide_mpp)  # level-0 px
 
     def summary(self) -> str:
         return ", ".join(f"{k}: {int(v.sum())} locations" for k, v in self.counts.items())
@@ -533,4 +548,5 @@ class PatchDataset(torch.utils.data.Dataset):
         specs = [replace(s, negatives=tuple(s.negatives) + ((extra[s.slide],) if s.slide in extra else ()))
                  for s in self.specs]
         return PatchDataset(specs, self.mpp, self.patch, context=self.context, length=self.length, shares=shares,
-                            grid_um=self.grid_um, margin_um=self.margin_um, jitter_um=self.jitter_um, seed=self.seed)
+                            grid_um=self.grid_um, margin_um=self.margin_um, jitter_um=self.jitter_um, seed=self.seed,
+                            positive_inset_um=self.positive_inset_um)

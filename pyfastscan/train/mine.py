@@ -44,10 +44,16 @@ class Mined:
     negative_cells: int
     false_positives: int
     seconds: float
+    positive_cells: int = 0  # map cells whose centre is in a positive region
+    true_positives: int = 0  # of those, above the threshold
 
     @property
     def fp_share(self) -> float:
         return self.false_positives / self.negative_cells if self.negative_cells else float("nan")
+
+    @property
+    def sensitivity(self) -> float:
+        return self.true_positives / self.positive_cells if self.positive_cells else float("nan")
 
 
 def mine_slide(model: nn.Module, spec: SlideSpec, *, mpp: float, threshold: float = 0.5, margin_um: float = 16.0,
@@ -80,6 +86,7 @@ def mine_slide(model: nn.Module, spec: SlideSpec, *, mpp: float, threshold: floa
     r, _ = labels.cell_of(np.zeros_like(cy), cy)
     _, c = labels.cell_of(cx, np.zeros_like(cx))
     negative = labels.tissue[r[:, None], c[None, :]]  # tissue, outside the positives by the margin
+    positive = labels.positive[r[:, None], c[None, :]]
     hot = negative & (heat > threshold)
     ii, jj = np.nonzero(hot)
     prob = heat[ii, jj].astype(np.float64)
@@ -87,7 +94,8 @@ def mine_slide(model: nn.Module, spec: SlideSpec, *, mpp: float, threshold: floa
     if max_negatives is not None:
         order = order[:check("max_negatives", max_negatives, _COUNT)]
     xy = np.stack([cx[jj[order]], cy[ii[order]]], axis=1).reshape(-1, 2)
-    return Mined(spec.slide, xy, prob[order], int(negative.sum()), int(hot.sum()), time.perf_counter() - t0)
+    return Mined(spec.slide, xy, prob[order], int(negative.sum()), int(hot.sum()), time.perf_counter() - t0,
+                 int(positive.sum()), int((positive & (heat > threshold)).sum()))
 
 
 def write_negatives(path: str, mined: Mined) -> str:
@@ -127,9 +135,19 @@ def fp_share(results: Sequence[Mined]) -> float:
     return sum(m.false_positives for m in results) / neg if neg else float("nan")
 
 
-def validation_fp(model, specs: Sequence[SlideSpec], **kwargs) -> float:
-    """The pooled false-positive share of ``model`` on ``specs`` (nan without slides)."""
-    return fp_share([mine_slide(model, s, **kwargs) for s in specs]) if specs else float("nan")
+def sensitivity(results: Sequence[Mined]) -> float:
+    """Share of the positive regions' map cells above the threshold, pooled over slides."""
+    pos = sum(m.positive_cells for m in results)
+    return sum(m.true_positives for m in results) / pos if pos else float("nan")
+
+
+def validation_fp(model, specs: Sequence[SlideSpec], **kwargs) -> Tuple[float, float]:
+    """(pooled false-positive share, pooled sensitivity) of ``model`` on ``specs`` (nan
+    without slides)."""
+    if not specs:
+        return float("nan"), float("nan")
+    results = [mine_slide(model, s, **kwargs) for s in specs]
+    return fp_share(results), sensitivity(results)
 
 
 def train_rounds(arch: str, train_ds, val_ds, *, out: str, mine_rounds: int = 1, mine_epochs: int = 1,
@@ -160,7 +178,7 @@ def train_rounds(arch: str, train_ds, val_ds, *, out: str, mine_rounds: int = 1,
     for k in range(1, mine_rounds + 1):
         folder = os.path.join(out, f"round{k}")
         t0 = time.perf_counter()
-        before = validation_fp(model, val_specs, **mine_kw)
+        before, sens_before = validation_fp(model, val_specs, **mine_kw)
         files, mined = mine(model, train_ds.specs, os.path.join(folder, "negatives"), log=log,
                             max_negatives=max_negatives, **mine_kw)
         found = sum(len(m.xy) for m in mined)
@@ -168,7 +186,9 @@ def train_rounds(arch: str, train_ds, val_ds, *, out: str, mine_rounds: int = 1,
         if found == 0:
             if log:
                 log(f"round {k}: no false positives on the training slides: nothing to fine-tune on")
-            report["rounds"].append(dict(round=k, found=0, fp_before=before, fp_after=before, seconds_mining=t_mine))
+            report["rounds"].append(dict(round=k, found=0, fp_before=before, fp_after=before,
+                                         sensitivity_before=sens_before, sensitivity_after=sens_before,
+                                         seconds_mining=t_mine))
             continue
         total = sum(base_share.values())
         shares = {p: v / total * (1 - hard_share) for p, v in base_share.items()}
@@ -180,12 +200,13 @@ def train_rounds(arch: str, train_ds, val_ds, *, out: str, mine_rounds: int = 1,
         res = fit(arch, ds, val_ds, model=model, out=folder, resume=resume and os.path.exists(
             os.path.join(folder, "checkpoint.pt")), log=log, **kw)
         model, weights = res.model, res.weights
-        after = validation_fp(model, val_specs, **mine_kw)
+        after, sens_after = validation_fp(model, val_specs, **mine_kw)
         report["rounds"].append(dict(round=k, found=found, fp_before=before, fp_after=after,
+                                     sensitivity_before=sens_before, sensitivity_after=sens_after,
                                      seconds_mining=t_mine, weights=weights))
         if log:
-            log(f"round {k}: {found} hard negatives; false-positive share on the validation slides "
-                f"{before:.2%} -> {after:.2%}")
+            log(f"round {k}: {found} hard negatives; on the validation slides, false-positive share "
+                f"{before:.2%} -> {after:.2%}, positive cells found {sens_before:.2%} -> {sens_after:.2%}")
     final = os.path.join(out, "model.safetensors")
     if weights and os.path.abspath(weights) != os.path.abspath(final):
         from ..io.files import atomic_write
