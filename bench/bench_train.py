@@ -2,7 +2,7 @@
 
     .venv/bin/pytest bench/bench_train.py --benchmark-only --benchmark-json=train.json
     .venv/bin/python bench/report.py train.json
-    .venv/bin/python bench/bench_train.py          # the same measurements, ratios printed
+    .venv/bin/python bench/bench_train.py [THREADS]   # the same measurements, ratios printed
 
 Providers, one run, the same batches:
 
@@ -138,8 +138,12 @@ def _median(f, n=5):
     return statistics.median(t), min(t), max(t)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     import platform
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        torch.set_num_threads(int(argv[0]))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     for case, c in CASES.items():

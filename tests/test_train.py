@@ -272,6 +272,17 @@ def test_rotation_and_mirror_are_exact_and_a_plain_crop_is_the_centre():
         assert torch.equal(out[i], ref.float() / 255)
 
 
+def test_turns_and_mirror_inside_the_warp_equal_the_exact_ones():
+    x = _batch(side=20)
+    exact = Augment(AugmentConfig(rot90=True, flip=True), patch=14)
+    warp = Augment(AugmentConfig(rot90=True, flip=True, shift_px=2.0), patch=14)  # a warp, here with no shift
+    p = exact.sample(5, torch.Generator().manual_seed(5))
+    for k in range(4):
+        q = p._replace(k=torch.full((5,), k), flip=torch.tensor([True, False, True, False, True]))
+        # bilinear sampling at pixel centres; coordinates in float32 are off by ~20 * 2^-24 px
+        torch.testing.assert_close(warp.apply(x, q), exact.apply(x, q), atol=1e-5, rtol=0)
+
+
 def test_integer_shift_moves_the_crop_and_zoom_keeps_the_centre():
     x = _batch(side=24)
     aug = Augment(AugmentConfig(shift_px=3.0), patch=12)
