@@ -18,7 +18,6 @@ Providers, one run, the same batches:
 Correctness first: the augmented batch is finite and in [0, 1]; 64 mined cells' map values
 equal the patch classifier on their patches (float32 bound of DESIGN.md 5).
 """
-import os
 import statistics
 import sys
 import tempfile

@@ -19,13 +19,12 @@ false-positive share of the validation slides before and after.
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch import nn
 
-from ..errors import InvalidArgumentError
 from ..validate import Number, check
 from .dataset import SlideSpec, slide_labels
 
