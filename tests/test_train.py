@@ -192,6 +192,25 @@ def test_label_masks_and_sliderunner_points(tmp_path, synthetic):
         assert (np.abs(targets - (d.x, d.y)).max(axis=1) <= 2).any(), d
 
 
+def test_candidate_detector_negatives(tmp_path):
+    img = np.full((256, 256, 3), 225, np.uint8)
+    blobs = [(60, 60), (190, 70), (80, 200), (200, 200)]  # dark discs; the last next to a positive point
+    yy, xx = np.mgrid[:256, :256]
+    for x, y in blobs:
+        img[(xx - x) ** 2 + (yy - y) ** 2 <= 16] = 40
+        img[y, x] = 10  # the darkest pixel: the detector picks it
+    write_pyramid_tif(str(tmp_path / "c.tif"), img, MPP, levels=1, compression="zlib")
+    pts = _write_points(str(tmp_path / "p.csv"), [[205.0, 200.0]])
+    spec = SlideSpec(str(tmp_path / "c.tif"), annotations=(pts,), candidates=True,
+                     tissue=_tissue_png(str(tmp_path / "t.png"), (32, 32)))
+    ds = PatchDataset([spec], MPP, 16, context=24, length=600, shares={"positive": 1, "hard": 1}, jitter_um=2,
+                      margin_um=12)
+    hard = np.array([(d.x, d.y) for d in _draws(ds, 600) if d.pool == "hard"])
+    owner = np.abs(hard[:, None, :] - np.array(blobs, float)[None]).max(axis=2) <= 2 + 1  # jitter + a pixel centre
+    assert owner.any(axis=1).all() and owner[:, :3].any(axis=0).all() and not owner[:, 3].any()
+    assert ds.counts["hard"].sum() == 3
+
+
 def test_bad_input_is_refused_clearly(synthetic, tmp_path):
     from pyfastscan.errors import InvalidArgumentError
 

@@ -21,6 +21,8 @@ What a slide's annotations say (level-0 pixels), by file type:
 - point CSV (``.csv``, ``x,y`` or ``probability,x,y``, see :mod:`pyfastscan.eval.files`):
   positive points; the files in ``negatives`` (mined lists, candidate lists) are hard
   negatives.
+- ``candidates: true``: the Tellez candidate detector's picks on the tissue (read at the
+  training resolution) are hard negatives too.
 
 Sampling. Every location is on the *label grid*, cells of ``grid_um`` micrometres. Three
 pools, each drawn with its share of the batch (``shares``):
@@ -80,6 +82,9 @@ class SlideSpec:
         positive_labels, negative_labels: label-mask values (see the module docstring).
         point_class, lookalike_class: SlideRunner class names.
         db_slide: the slide's name in a SlideRunner database (default: its file name).
+        candidates: add the Tellez candidate detector's picks on the slide's tissue (dark
+            blobs, :func:`pyfastscan.ops.candidates`, read at the training resolution) to
+            the hard negatives; those near a positive are dropped like any hard negative.
     """
 
     slide: str
@@ -94,6 +99,7 @@ class SlideSpec:
     point_class: str = "Mitotic figure"
     lookalike_class: Optional[str] = "Mitotic figure lookalike"
     db_slide: Optional[str] = None
+    candidates: bool = False
 
     def __post_init__(self):
         if self.split not in ("train", "val"):
@@ -129,6 +135,10 @@ def _spec(entry: dict, folder: str, where: str) -> SlideSpec:
             if not isinstance(v, (list, tuple)):
                 raise InvalidArgumentError(f"{where}: {k} must be a list (or ';'-separated text), got {v!r}")
             v = tuple(int(p) if k.endswith("labels") else str(p).strip() for p in v)
+        elif k == "candidates":
+            if isinstance(v, str):
+                v = v.strip().lower() in ("1", "true", "yes")
+            v = bool(v)
         elif k == "slide_mpp":
             try:
                 v = float(v)
@@ -263,8 +273,32 @@ def _label_values(path: str, slide_width: int, grid_w: int) -> Tuple[np.ndarray,
     return arr, slide_width / arr.shape[1]
 
 
+CANDIDATE_TILE = 2048  # px at the reading resolution: the candidate detector runs tile by tile
+
+
+def tissue_candidates(s, tissue, mpp: float, d_um: float = 25.0, t: float = 0.6) -> np.ndarray:
+    """(K, 2) level-0 (x, y) of the Tellez candidates (:func:`pyfastscan.ops.candidates`) of
+    slide ``s`` read at ``mpp``, in tiles of CANDIDATE_TILE px that touch ``tissue`` (a
+    TissueMask); each tile is detected on its own (a blob on a seam may be picked twice)."""
+    from ..ops import candidates
+    from ..pipeline.engine import read_scan_region
+
+    scan_ds, level, level_ds = scan_level(s, mpp)
+    w0, h0 = s.dimensions
+    T = CANDIDATE_TILE
+    out = [np.zeros((0, 2))]
+    for y in range(0, int(h0 / scan_ds), T):
+        for x in range(0, int(w0 / scan_ds), T):
+            w, h = min(T, int(w0 / scan_ds) - x), min(T, int(h0 / scan_ds) - y)
+            if w < 1 or h < 1 or not tissue.any_in(x * scan_ds, y * scan_ds, (x + w) * scan_ds, (y + h) * scan_ds):
+                continue
+            c = candidates(read_scan_region(s, x, y, w, h, scan_ds, level, level_ds), d_um=d_um, t=t, mpp=mpp)
+            out.append((c + [x + 0.5, y + 0.5]) * scan_ds)  # pixel centres, level-0
+    return np.concatenate(out).astype(np.float64)
+
+
 def slide_labels(spec: SlideSpec, s, *, grid_um: float, margin_um: float, border_px: float = 0.0,
-                 jitter_um: float = 0.0) -> SlideLabels:
+                 jitter_um: float = 0.0, mpp: Optional[float] = None) -> SlideLabels:
     """Rasterise ``spec``'s annotations of the opened slide ``s`` on the label grid.
 
     ``border_px`` (level-0): locations closer than that (plus the jitter for points) to the
@@ -327,6 +361,14 @@ def slide_labels(spec: SlideSpec, s, *, grid_um: float, margin_um: float, border
         thumb, thumb_ds = s.thumbnail()
         tissue_mask = otsu_tissue_mask(thumb, thumb_ds)
     tissue = tissue_mask.on_grid(cy, cx)
+    if spec.candidates:
+        if mpp is None:
+            raise InvalidArgumentError(f"{spec.slide}: candidate negatives need the reading resolution (mpp)")
+        cand = tissue_candidates(s, tissue_mask, mpp)
+        if len(cand):
+            r = np.clip((cand[:, 1] // d).astype(np.int64), 0, gh - 1)
+            cand = cand[tissue[r, np.clip((cand[:, 0] // d).astype(np.int64), 0, gw - 1)]]
+        hard, hard_p = np.concatenate([hard, cand]), np.concatenate([hard_p, np.ones(len(cand))])
     if allowed is not None:
         tissue = allowed
 
@@ -458,7 +500,7 @@ class PatchDataset(torch.utils.data.Dataset):
                 scan_ds, level, level_ds = scan_level(s, self.mpp)
                 border = (self.context / 2 + 1) * scan_ds
                 self.labels.append(slide_labels(spec, s, grid_um=self.grid_um, margin_um=self.margin_um,
-                                                border_px=border, jitter_um=self.jitter_um))
+                                                border_px=border, jitter_um=self.jitter_um, mpp=self.mpp))
                 self.levels.append((scan_ds, level, level_ds))
             finally:
                 s.close()

@@ -19,7 +19,7 @@ false-positive share of the validation slides before and after.
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -68,7 +68,8 @@ def mine_slide(model: nn.Module, spec: SlideSpec, *, mpp: float, threshold: floa
     t0 = time.perf_counter()
     s = open_slide(spec.slide, default_mpp=spec.slide_mpp)
     try:
-        labels = slide_labels(spec, s, grid_um=grid_um, margin_um=margin_um)
+        # the positives and the tissue only: candidate negatives play no part in mining
+        labels = slide_labels(replace(spec, candidates=False), s, grid_um=grid_um, margin_um=margin_um)
         tissue_mask = None
         if spec.tissue:
             from PIL import Image
