@@ -10,7 +10,7 @@ DEPS   := $(VENV)/.deps-installed
 BUILD_DEPS := "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.24"
 PYTEST_ARGS ?=
 
-.PHONY: all install test demo bench clean info
+.PHONY: all install test demo demo-train bench clean info
 
 all: install
 
@@ -33,6 +33,10 @@ test: install
 
 demo: install
 	$(BIN)/pyfastscan demo
+
+# The demo model trained with `pyfastscan train` and one hard negative mining round (minutes).
+demo-train: install
+	$(BIN)/pyfastscan demo --train
 
 info: install
 	$(BIN)/pyfastscan info

@@ -1,4 +1,5 @@
-"""Command line: `pyfastscan info`, `demo`, `models`, `scan`, `cohort`, `mitosis`, `export`, `evaluate`."""
+"""Command line: `pyfastscan info`, `demo`, `models`, `scan`, `cohort`, `mitosis`, `export`, `evaluate`, `train`,
+`mine`, `bench`."""
 import argparse
 import json
 import os
@@ -367,10 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
                        exit_codes="")
     info.add_argument("--json", action="store_true", help="print the full build_info() as JSON")
     demo = add_command(sub, "demo", help="run the demonstration on bundled / generated data",
-                       examples=["pyfastscan demo", "pyfastscan demo --out /tmp/demo  # results elsewhere"],
+                       examples=["pyfastscan demo", "pyfastscan demo --out /tmp/demo  # results elsewhere",
+                                 "pyfastscan demo --train  # train the demo model with pyfastscan train + mining"],
                        exit_codes="exit status: 0 done, 1 a check failed or the output folder is not writable")
-    demo.add_argument("--out", default="pyfastscan-demo", metavar="DIR",
-                      help="folder for the test slide and the scan's outputs")
+    demo.add_argument("--out", default=None, metavar="DIR",
+                      help="folder for the demo's slides and outputs (default: pyfastscan-demo, with --train "
+                           "pyfastscan-demo-train)")
+    demo.add_argument("--train", action="store_true",
+                      help="instead: train the demo model with `pyfastscan train` and one hard negative mining "
+                           "round (a few minutes), reporting the held-out false-positive share before and after")
     models = add_command(sub, "models", help="list the registered architectures (patch, stride, parameters)",
                          examples=["pyfastscan models", "pyfastscan models --json"], exit_codes="")
     models.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -422,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_parsers
 
     add_parsers(sub)
+    from .train.cli import add_parsers as add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 
@@ -459,7 +468,9 @@ def _run(args) -> int:
     if args.command == "demo":
         from . import demo
 
-        return demo.main(args.out)
+        if args.train:  # the demo runs `pyfastscan train` through this command line (passed in: demo imports no CLI)
+            return demo.train_main(args.out or "pyfastscan-demo-train", cli=main)
+        return demo.main(args.out or "pyfastscan-demo")
     if args.command == "models":
         return _models(args)
     if args.command == "export":
@@ -486,6 +497,10 @@ def _run(args) -> int:
         from .eval.cli import main as evaluate
 
         return evaluate(args)
+    if args.command in ("train", "mine"):
+        from .train.cli import main as train_main
+
+        return train_main(args)
     return 2
 
 

@@ -167,3 +167,40 @@ def main(out_dir: str = "pyfastscan-demo") -> int:
     for name, path in w["paths"].items():
         print(f"    {name:20s} {os.path.abspath(path)}")
     return 0
+
+
+def train_main(out_dir: str = "pyfastscan-demo-train", epochs: int = 4, seed: int = 0, *, cli) -> int:
+    """`pyfastscan demo --train`: the demo model trained with `pyfastscan train` on the bundled
+    samples as annotated slides (pyfastscan.demo_train.build_training_slides), one hard
+    negative mining round, and the false-positive share on the held-out skin tissue before
+    and after it. A few minutes on a 2-core CPU; a demonstration, not a diagnostic model.
+    ``cli``: the command line's main(argv) that runs `pyfastscan train` (pyfastscan.cli passes
+    itself: the jobs do not import the command line)."""
+    import json
+
+    from .demo_train import build_training_slides
+    cli_main = cli
+
+    t0 = time.perf_counter()
+    manifest = build_training_slides(os.path.join(out_dir, "slides"), seed=seed)
+    print(f"annotated slides from the bundled samples: {manifest} (skin with planted carcinoma; the held-out half "
+          f"is the validation slide)")
+    run = os.path.join(out_dir, "run")
+    argv = ["train", "--manifest", manifest, "--out", run, "--arch", "demo_cnn", "--mpp", "1", "--epochs", str(epochs),
+            "--epoch-patches", "3200", "--val-patches", "512", "--batch-size", "64", "--lr", "2e-3",
+            "--augment", "fastscannet", "--mine-rounds", "1", "--mine-epochs", "2", "--hard-share", "0.25",
+            "--mine-lr", "5e-4", "--positive-inset-um", "12",
+            "--seed", str(seed)]
+    print("$ pyfastscan " + " ".join(argv))
+    rc = cli_main(argv)
+    if rc:
+        return rc
+    with open(os.path.join(run, "training.json")) as f:
+        report = json.load(f)
+    r = report["rounds"][0]
+    print(f"\nfalse-positive share on the held-out skin tissue: {r['fp_before']:.2%} before mining, "
+          f"{r['fp_after']:.2%} after ({r['found']} hard negatives mined from the training slide); held-out "
+          f"carcinoma cells found: {r['sensitivity_before']:.2%} before, {r['sensitivity_after']:.2%} after; "
+          f"{time.perf_counter() - t0:.0f} s in all")
+    print(f"weights: {report['weights']} (pyfastscan scan SLIDE --weights {report['weights']} --out OUT)")
+    return 0

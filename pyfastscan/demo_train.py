@@ -192,3 +192,62 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ----------------------------------------------------------------------------- pyfastscan train
+# The same two images as annotated slides, for `pyfastscan train` (pyfastscan demo --train):
+# the skin slide at SCAN_MPP cut in two, carcinoma planted into each half (from the left 70%
+# of the carcinoma image into the training half, the held-out 30% into the other half), the
+# planted rectangles as GeoJSON polygons, a tissue mask (everything not glass) beside each.
+SPLIT_ROW = 800  # skin rows at SCAN_MPP above this line: the training slide; below: held out
+
+
+def _plant(img: np.ndarray, tissue: np.ndarray, pieces, rng: np.random.Generator):
+    """Paste each piece at a random tissue position, apart from the others; returns the
+    rectangles (x0, y0, x1, y1)."""
+    h, w = img.shape[:2]
+    boxes = []
+    for piece in pieces:
+        ph, pw = piece.shape[:2]
+        for _ in range(10_000):
+            y, x = int(rng.integers(PATCH, h - ph - PATCH)), int(rng.integers(PATCH, w - pw - PATCH))
+            apart = all(x + pw + PATCH < b[0] or b[2] + PATCH < x or y + ph + PATCH < b[1] or b[3] + PATCH < y
+                        for b in boxes)
+            if apart and tissue[y + ph // 2, x + pw // 2]:
+                break
+        img[y:y + ph, x:x + pw] = piece
+        boxes.append((x, y, x + pw, y + ph))
+    return boxes
+
+
+def build_training_slides(folder: str, seed: int = 0) -> str:
+    """Write demo_train.tif and demo_heldout.tif (pyramidal TIFFs at SCAN_MPP) with their
+    carcinoma polygons (.geojson) and tissue masks (.png), and manifest.json naming them
+    (split train / val). Returns the manifest's path."""
+    from PIL import Image
+
+    from .io import Annotation, write_geojson
+    from .io.files import write_json
+    from .pipeline.outputs import write_pyramid_tif
+
+    os.makedirs(folder, exist_ok=True)
+    skin, _, _ = skin_at(SCAN_MPP)
+    carc = carcinoma_at(SCAN_MPP)
+    cut = int(carc.shape[1] * TRAIN_FRACTION)
+    train_part, held = carc[:, :cut], carc[:, cut + 2:]
+    hh = held.shape[0] // 4
+    parts = {"demo_train": (skin[:SPLIT_ROW], [train_part[:125], train_part[125:]], "train"),
+             "demo_heldout": (skin[SPLIT_ROW:], [held[k * hh:(k + 1) * hh] for k in range(4)], "val")}
+    rng = np.random.default_rng(seed)
+    entries = []
+    for name, (img, pieces, split) in parts.items():
+        img = img.copy()
+        boxes = _plant(img, not_glass(img), pieces, rng)
+        write_pyramid_tif(os.path.join(folder, name + ".tif"), img, SCAN_MPP, levels=2, compression="zlib")
+        polys = [Annotation("polygon", [[x0, y0], [x1, y0], [x1, y1], [x0, y1]], "carcinoma", f"carcinoma {k}")
+                 for k, (x0, y0, x1, y1) in enumerate(boxes)]
+        write_geojson(os.path.join(folder, name + ".geojson"), polys)
+        Image.fromarray(not_glass(img).astype(np.uint8) * 255).save(os.path.join(folder, name + "_tissue.png"))
+        entries.append(dict(slide=name + ".tif", annotations=[name + ".geojson"], tissue=name + "_tissue.png",
+                            split=split))
+    return write_json(os.path.join(folder, "manifest.json"), {"slides": entries}, indent=2)

@@ -41,7 +41,7 @@ def test_help_has_examples_and_every_option_says_what_it_does_and_its_default(wo
             continue
         name = action.option_strings[0] if action.option_strings else action.dest
         assert action.help and len(action.help) > 8, f"{' '.join(words)}: {name} has no help"
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        if action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS)):
             shown = parser._get_formatter()._get_help_string(action)
             assert "default" in shown, f"{' '.join(words)}: {name}'s help does not show its default {action.default!r}"
 
