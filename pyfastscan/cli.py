@@ -129,7 +129,7 @@ def _slides(args, run_one) -> int:
 
     from . import open_slide
     from .errors import PyfastscanError
-    from .io.files import claim_folder, slide_folders, write_status
+    from .io.files import slide_folders, work_in_folder
 
     job = args.command
     try:
@@ -154,15 +154,8 @@ def _slides(args, run_one) -> int:
             # a bad slide fails before any folder is made
             slide = open_slide(path, default_mpp=args.slide_mpp if args.slide_mpp is not None else args.mpp)
             try:
-                # an unwritable, locked or already used folder fails before the work, not after it
-                with claim_folder(out, path, job, overwrite=args.overwrite):
-                    try:
-                        summary = run_one(slide, out, model, args, command)
-                        write_status(out, "done", slide=os.path.abspath(path), job=job)
-                    except BaseException as exc:  # marked while the folder is still locked
-                        exc.pyfastscan_reason = _reason(exc, out, f"{job} {path}")
-                        _mark_failed(out, path, job, exc.pyfastscan_reason[0])
-                        raise
+                summary = work_in_folder(out, path, job, lambda: run_one(slide, out, model, args, command),
+                                         overwrite=args.overwrite)
             finally:
                 slide.close()
         except KeyboardInterrupt:
@@ -187,7 +180,6 @@ def _slides(args, run_one) -> int:
 
 
 from .errors import failure_reason as _reason, one_line as _one_line  # noqa: E402
-from .io.files import mark_failed as _mark_failed  # noqa: E402
 
 
 def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int, examples, slides: str = "+"):

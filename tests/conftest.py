@@ -17,3 +17,21 @@ if os.environ.get("CI") == "true":
 
     settings.register_profile("ci", derandomize=True)
     settings.load_profile("ci")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A bare state dict of tellez_cnn (seed 0) in a safetensors file: weights that do not
+    describe themselves, as the CLI jobs must take (test_hostile, test_cohort)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pyfastscan.models import tellez_cnn
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tellez.safetensors"
+    save_file({k: v.contiguous() for k, v in tellez_cnn().state_dict().items()}, str(path))
+    return str(path)

@@ -69,18 +69,6 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    from pyfastscan.models import tellez_cnn
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tellez.safetensors"
-    save_file({k: v.contiguous() for k, v in tellez_cnn().state_dict().items()}, str(path))
-    return str(path)
-
-
 def _cohort_slides(root):
     """Three slides, two named s.tif in different folders."""
     (root / "a").mkdir(), (root / "b").mkdir()

@@ -51,18 +51,6 @@ def _corrupt_tile(path, index):
     return path
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    from pyfastscan.models import tellez_cnn
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tellez.safetensors"
-    save_file({k: v.contiguous() for k, v in tellez_cnn().state_dict().items()}, str(path))
-    return str(path)
-
-
 def _scan(capsys, slides, out, weights, *extra):
     """Run `pyfastscan scan` in-process; (exit status, stdout, stderr)."""
     status = main(["scan", *map(str, slides), "--weights", weights, "--arch", "tellez_cnn", "--out", str(out),

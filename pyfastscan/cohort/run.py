@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..errors import InvalidArgumentError, failure_reason
-from ..io.files import claim_folder, mark_failed, write_status, write_text
+from ..io.files import work_in_folder, write_text
 
 COHORT_CSV, COHORT_EVENTS = "cohort.csv", "cohort.jsonl"
 COLUMNS = ("slide", "status", "score", "detections", "tissue_cells", "seconds", "worker", "error")
@@ -147,16 +147,9 @@ def process_slide(path: str, folder: str, model, key: dict, *, resume: bool, ove
     try:
         slide = open_slide(path, default_mpp=options.get("slide_mpp") or options.get("mpp"))
         try:
-            with claim_folder(folder, path, JOB, overwrite=overwrite):
-                try:
-                    res = scan_to_folder(slide, folder, model, resume=resume, command=command,
-                                         heatmap_dtype=heatmap_dtype, report_extra={"run_key": key},
-                                         scanners=scanners, progress=False, **options)
-                    write_status(folder, "done", slide=os.path.abspath(path), job=JOB)
-                except BaseException as exc:  # marked while the folder is still locked
-                    exc.pyfastscan_reason = failure_reason(exc, folder, f"{JOB} {path}")
-                    mark_failed(folder, path, JOB, exc.pyfastscan_reason[0])
-                    raise
+            res = work_in_folder(folder, path, JOB, lambda: scan_to_folder(
+                slide, folder, model, resume=resume, command=command, heatmap_dtype=heatmap_dtype,
+                report_extra={"run_key": key}, scanners=scanners, progress=False, **options), overwrite=overwrite)
         finally:
             slide.close()
     except Exception as exc:

@@ -225,3 +225,22 @@ def mark_failed(folder: str, slide: str, job: str, reason: str) -> None:
         write_status(folder, "failed", slide=os.path.abspath(slide), job=job, reason=reason)
     except OSError:
         pass  # the folder itself is what failed: nothing can be marked in it
+
+
+def work_in_folder(folder: str, slide: str, job: str, work: Callable, *, overwrite: bool = False):
+    """``work()`` with ``folder`` claimed for ``slide`` (:func:`claim_folder`: an unwritable,
+    locked or already used folder fails before the work, not after it). Done: the folder's
+    status is "done" and work's result is returned. Any failure: the folder is marked
+    failed with the one-line reason (:func:`~pyfastscan.errors.failure_reason`, kept on the
+    exception as ``pyfastscan_reason``) while it is still locked, and the exception goes on."""
+    from ..errors import failure_reason
+
+    with claim_folder(folder, slide, job, overwrite=overwrite):
+        try:
+            result = work()
+            write_status(folder, "done", slide=os.path.abspath(slide), job=job)
+            return result
+        except BaseException as exc:
+            exc.pyfastscan_reason = failure_reason(exc, folder, f"{job} {slide}")
+            mark_failed(folder, slide, job, exc.pyfastscan_reason[0])
+            raise
