@@ -284,3 +284,21 @@ def test_froc_plot_starts_where_the_curve_crosses_the_left_edge():
     assert got[1:] == line[3:] and got[0][0] == 0.25
     assert got[0][1] == pytest.approx(float(np.interp(0.25, [p[0] for p in line], [p[1] for p in line])))
     assert _clip_left(line[:2], 0.25) == [(0.25, 0.4)] and _clip_left(line[3:], 0.25) == line[3:]
+
+
+def test_a_failed_or_unfinished_slide_folder_is_not_evaluated(tmp_path):
+    """A folder whose status is not "done" holds an earlier run's or a half-written CSV:
+    refused, naming it, rather than scored."""
+    from pyfastscan.eval.files import prediction_files
+    from pyfastscan.io import AnnotationError
+    from pyfastscan.io.files import write_status
+
+    for name, state in (("a", "done"), ("b", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "detections.csv").write_text("x,y,probability\n1,2,0.9\n")
+        if state:
+            write_status(str(tmp_path / name), state, slide=name, job="scan")
+    assert set(prediction_files(str(tmp_path))) == {"a", "b"}  # b: a folder from before status.json
+    write_status(str(tmp_path / "b"), "failed", slide="b", job="scan", reason="killed")
+    with pytest.raises(AnnotationError, match=r"b: the slide's folder is marked 'failed'"):
+        prediction_files(str(tmp_path))

@@ -317,6 +317,10 @@ def test_a_checkpoint_of_another_scan_is_refused(tmp_path):
         other[0].weight[0, 0, 0, 0] += 1
     with pytest.raises(InvalidArgumentError, match="different scan.*weights"):
         scan_slide(ArraySlide(_image()), other, alpha=2, roi_outputs=5, resume=True, **kw)
+    half = np.zeros((17, 14), dtype=bool)
+    half[:9] = True  # another tissue mask: other ROIs and no-data cells
+    with pytest.raises(InvalidArgumentError, match="different scan.*tissue"):
+        scan_slide(ArraySlide(_image()), _model(), alpha=2, roi_outputs=5, resume=True, **{**kw, "tissue_mask": half})
     (tmp_path / "junk").write_bytes(b"junk")
     with pytest.raises(InvalidArgumentError, match="not a pyfastscan checkpoint"):
         scan_slide(ArraySlide(_image()), _model(), resume=True, **{**kw, "checkpoint": str(tmp_path / "junk")})

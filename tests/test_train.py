@@ -86,6 +86,23 @@ def test_positives_are_centred_on_the_annotations(synthetic):
         assert len(mine) > 5 and mine[:, 0].std() > 1
 
 
+def test_asap_xml_annotations_label_as_the_same_geojson(synthetic, tmp_path):
+    """Camelyon16's ground truth is ASAP XML: the same polygon as XML and as GeoJSON gives
+    the same draws."""
+    import dataclasses
+
+    from pyfastscan.io import write_asap_xml
+
+    spec, _ = synthetic
+    x0, y0, x1, y1 = RECT
+    xml = write_asap_xml(str(tmp_path / "s.xml"), [Annotation("polygon", [[x0, y0], [x1, y0], [x1, y1], [x0, y1]],
+                                                              "tumor")])
+    as_xml = dataclasses.replace(spec, annotations=(xml,) + tuple(spec.annotations[1:]))
+    kw = dict(mpp=MPP, patch=16, context=24, length=200, shares={"positive": 1.0}, margin_um=20, jitter_um=4)
+    a, b = PatchDataset([spec], **kw), PatchDataset([as_xml], **kw)
+    assert [(d.x, d.y, d.label) for d in _draws(a, 200)] == [(d.x, d.y, d.label) for d in _draws(b, 200)]
+
+
 def test_a_positive_inset_keeps_centres_inside_the_region(synthetic):
     spec, _ = synthetic
     ds = PatchDataset([spec], MPP, 16, context=24, length=1000, shares={"positive": 1.0}, positive_inset_um=16)

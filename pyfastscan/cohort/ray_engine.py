@@ -13,7 +13,7 @@ from collections import deque
 from typing import List, Optional
 
 from ..errors import InvalidArgumentError
-from ..pipeline.distributed import actor_errors, ray_session, worker_info
+from ..pipeline.distributed import actor_errors, ray_session, restarted, worker_info
 from .run import Ledger, SlideRecord, attempt
 
 
@@ -54,20 +54,6 @@ def plan_workers(ray, workers: Optional[int], gpus_per_worker: Optional[float],
         raise InvalidArgumentError(f"{workers} worker(s) of {g:g} GPU(s) and {c:g} CPU(s) do not fit the Ray cluster "
                                    f"({gpus:g} GPUs, {cpus:g} CPUs): ask for fewer --workers or smaller shares")
     return workers, g, c
-
-
-def restarted(ray, actor, lost, wait_s: float = 300.0) -> dict:
-    """The info of ``actor`` once Ray has restarted it (calls fail while it restarts)."""
-    import time
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return ray.get(actor.info.remote(), timeout=wait_s)
-        except lost + (ray.exceptions.GetTimeoutError,):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def run_ray(todo: List[SlideRecord], ledger: Ledger, work: dict, *, address: Optional[str], workers: Optional[int],

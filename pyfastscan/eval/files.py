@@ -23,6 +23,7 @@ import numpy as np
 
 from ..io import AnnotationError, read_asap_xml, read_geojson, read_sliderunner_points
 from ..io._safe import parse_number, read_bounded
+from ..io.files import read_status
 
 _PROB = ("probability", "prob", "score", "confidence")
 
@@ -102,7 +103,8 @@ def prediction_files(folder: str) -> Dict[str, str]:
     """Slide name -> its detections CSV in ``folder``: NAME.csv, or NAME/detections.csv
     (else NAME/camelyon16_submission.csv) at any depth (a cohort's OUT/<relative path>/NAME/,
     see pyfastscan.cohort); the cohort's own cohort.csv is not a slide's. Two slides of the
-    same name are refused."""
+    same name are refused, and so is a slide folder whose status is not "done" (a failed or
+    interrupted scan leaves an earlier run's or a half-written CSV)."""
     if not os.path.isdir(folder):
         raise AnnotationError(f"{folder}: no such folder")
     out = {}
@@ -121,6 +123,11 @@ def prediction_files(folder: str) -> Dict[str, str]:
         dirs.sort()
         found = next((n for n in SCAN_CSVS if n in files), None)
         if root != folder and found:
+            state = (read_status(root) or {}).get("state", "done")  # folders older than status.json: as they are
+            if state != "done":
+                raise AnnotationError(f"{root}: the slide's folder is marked {state!r}: its {found} is left over "
+                                      "from an earlier run or half written; run the scan again (the same command "
+                                      "resumes it) or evaluate without this folder")
             add(os.path.basename(root), os.path.join(root, found))
     return out
 

@@ -81,6 +81,20 @@ def actor_errors(ray):
     return (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
 
 
+def restarted(ray, actor, lost, wait_s: float = 300.0) -> dict:
+    """The info of ``actor`` once Ray has restarted it (calls fail while it restarts)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.get(actor.info.remote(), timeout=wait_s)
+        except lost + (ray.exceptions.GetTimeoutError,):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def worker_info() -> dict:
     """Where this worker runs: process id, node address, the GPUs Ray gave it."""
     import ray
@@ -201,6 +215,7 @@ def infer_rois_ray(job, todo: list, slide, model, options: dict, *, workers: Opt
                         if attempt >= retries:
                             raise BackendUnavailableError(f"{job.slide.name}: a Ray worker was lost {attempt + 1} "
                                                           f"times computing ROIs {batch[0][:2]}..: {exc}") from None
+                        restarted(ray, actors[i], lost)  # calls to it fail while Ray restarts it
                         queue.appendleft((batch, attempt + 1))
                         continue
                     except ray.exceptions.RayTaskError as exc:

@@ -133,7 +133,18 @@ def scan_key(job: "ScanJob") -> dict:
     return dict(slide=os.path.basename(str(s.name)), slide_size=list(s.dimensions), slide_mpp=s.mpp,
                 scan_mpp=job.scan_mpp, patch=g.patch, stride=g.stride, alpha=g.alpha, mode=job.mode, plan=dense.plan,
                 precision=job.precision, roi_outputs=job.roi_outputs, positive_class=job.positive_class,
-                weights=weights_digest(dense))
+                weights=weights_digest(dense), tissue=tissue_digest(job.tissue))
+
+
+def tissue_digest(tissue: TissueMask) -> str:
+    """The tissue mask's identity (its pixels, shape and downsample): which ROIs are scanned
+    and which cells are no-data depend on it, so a checkpoint made with another mask (another
+    --tissue-mask) does not resume."""
+    import hashlib
+
+    h = hashlib.sha256(np.packbits(np.asarray(tissue.mask, dtype=bool)).tobytes())
+    h.update(repr((tuple(tissue.mask.shape), float(tissue.downsample))).encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass
