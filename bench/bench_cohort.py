@@ -78,7 +78,7 @@ def span(out: str) -> float:
 def run(folder: str) -> dict:
     from pyfastscan.benchmark import cores, cpu_name
     from pyfastscan.cohort import scan_cohort
-    from pyfastscan.pipeline.distributed import LOCAL_ONLY_ENV
+    from pyfastscan.pipeline.distributed import import_ray
 
     slides = [build(folder, k) for k in range(SLIDES)]
     kw = dict(alpha=1, roi_outputs=ROI_OUTPUTS, precision="fp32", progress=False, heatmap_dtype="float32")
@@ -99,9 +99,7 @@ def run(folder: str) -> dict:
         result[f"{name}_slide_s"] = sum(r.seconds for r in res.records) / len(res.records)  # one slide, in its worker
 
     cohort("local")
-    for k, v in LOCAL_ONLY_ENV.items():
-        os.environ.setdefault(k, v)
-    import ray
+    ray = import_ray(local_only=True)  # bound to 127.0.0.1 only
 
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = HERE + (os.pathsep + old if old else "")  # workers import this module

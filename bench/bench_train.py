@@ -46,8 +46,9 @@ def _batch(case):
     c = CASES[case]
     specs = read_manifest(_manifest())
     ds = PatchDataset(specs, 1.0, c["patch"], context=c["context"], split="train", length=c["batch"])
-    x = torch.stack([ds[i][0] for i in range(c["batch"])])
-    y = torch.stack([ds[i][1] for i in range(c["batch"])])
+    items = [ds[i] for i in range(c["batch"])]  # each patch read once
+    x = torch.stack([item[0] for item in items])
+    y = torch.stack([item[1] for item in items])
     return x, y
 
 

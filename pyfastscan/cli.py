@@ -8,10 +8,10 @@ import sys
 import warnings
 
 from ._version import __version__
-from .clihelp import EXIT_CODES, HelpFormatter, add_command
+from .clihelp import EXIT_CODES, HelpFormatter, add_command, parse_arch_kwargs
 from .validate import cli_type
 
-from .pipeline.scan import CHECKPOINT  # in each slide's output folder while its scan runs
+from .pipeline.scan import CHECKPOINT, ENGINES  # CHECKPOINT: in each slide's output folder while its scan runs
 
 
 def _roi_outputs(v: str):
@@ -32,12 +32,7 @@ def _warn_line(message, category, filename, lineno, file=None, line=None):
 
 def _arch_kwargs(args):
     """--arch-kwargs (a JSON object) with --num-classes added, or None when neither is given."""
-    try:
-        kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else None
-    except ValueError as exc:
-        raise ValueError(f"--arch-kwargs is not JSON ({exc}): {args.arch_kwargs!r}") from None
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise ValueError(f"--arch-kwargs must be a JSON object, got {args.arch_kwargs!r}")
+    kwargs = parse_arch_kwargs(args.arch_kwargs)
     if args.num_classes is not None:
         kwargs = dict(kwargs or {}, num_classes=args.num_classes)
     return kwargs
@@ -251,7 +246,7 @@ def _scan_options(scan) -> None:
     scan.add_argument("--heatmap-float", action="store_true",
                       help="write heatmap.tif as float32 probabilities (QuPath, tifffile) instead of uint8 x 255 "
                            "(which OpenSlide and ASAP also open)")
-    scan.add_argument("--engine", choices=("local", "ray"), default="local",
+    scan.add_argument("--engine", choices=ENGINES, default="local",
                       help="local (default: this process) or ray (Ray workers, pip install \"pyfastscan[ray]\"; "
                            "scan: the ROIs of each slide over --workers; cohort: whole slides per worker)")
     scan.add_argument("--workers", type=cli_type("workers"), default=None,

@@ -3,6 +3,7 @@ default, and an examples section. Subcommands defined outside cli.py (eval/cli.p
 use :func:`add_command` too, so ``pyfastscan X --help`` reads the same for every X;
 tests/test_cli_help.py walks the whole parser and holds every command to it."""
 import argparse
+from typing import Optional
 
 from .errors import ERROR_LOG
 
@@ -29,3 +30,18 @@ def add_command(sub, name: str, *, help: str, examples, exit_codes: str = EXIT_C
     epilog = f"examples:\n{lines}" + (f"\n\n{exit_codes}" if exit_codes else "")
     return sub.add_parser(name, help=help, description=kwargs.pop("description", help), epilog=epilog,
                           formatter_class=HelpFormatter, **kwargs)
+
+
+def parse_arch_kwargs(text: Optional[str]) -> Optional[dict]:
+    """--arch-kwargs: a JSON object, or None when not given (ValueError naming the option)."""
+    import json
+
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--arch-kwargs is not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--arch-kwargs must be a JSON object, got {text!r}")
+    return value

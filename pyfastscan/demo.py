@@ -179,7 +179,6 @@ def train_main(out_dir: str = "pyfastscan-demo-train", epochs: int = 4, seed: in
     import json
 
     from .demo_train import build_training_slides
-    cli_main = cli
 
     t0 = time.perf_counter()
     manifest = build_training_slides(os.path.join(out_dir, "slides"), seed=seed)
@@ -192,7 +191,7 @@ def train_main(out_dir: str = "pyfastscan-demo-train", epochs: int = 4, seed: in
             "--mine-lr", "5e-4", "--positive-inset-um", "12",
             "--seed", str(seed)]
     print("$ pyfastscan " + " ".join(argv))
-    rc = cli_main(argv)
+    rc = cli(argv)
     if rc:
         return rc
     with open(os.path.join(run, "training.json")) as f:

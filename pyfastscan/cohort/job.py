@@ -7,7 +7,7 @@ from typing import Optional
 
 from ..errors import InvalidArgumentError
 from ..io.files import slide_folders
-from ..pipeline.scan import ENGINES
+from ..pipeline.scan import check_engine
 from ..validate import check, check_optional
 from .run import CohortResult, Ledger, SlideRecord, finished_report, model_digest, run_key, run_local
 
@@ -53,8 +53,7 @@ def scan_cohort(slides, model, out: str, *, engine: str = "local", address: Opti
     Returns:
         :class:`CohortResult`: one :class:`SlideRecord` per slide, in the order given.
     """
-    if engine not in ENGINES:
-        raise InvalidArgumentError(f"engine must be one of {ENGINES}, got {engine!r}")
+    check_engine(engine)
     retries = check("retries", retries)
     workers = check_optional("workers", workers)
     gpus_per_worker = check_optional("gpus_per_worker", gpus_per_worker)

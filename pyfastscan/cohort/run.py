@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..errors import InvalidArgumentError, failure_reason
-from ..io.files import work_in_folder, write_text
+from ..io.files import COHORT_CSV, COHORT_EVENTS, work_in_folder, write_text
 
-COHORT_CSV, COHORT_EVENTS = "cohort.csv", "cohort.jsonl"
 COLUMNS = ("slide", "status", "score", "detections", "tissue_cells", "seconds", "worker", "error")
 JOB = "cohort"
 # scan options that change how fast, not what: left out of the run key

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..io import AnnotationError, read_asap_xml, read_geojson, read_sliderunner_points
 from ..io._safe import parse_number, read_bounded
-from ..io.files import read_status
+from ..io.files import COHORT_CSV, read_status
 
 _PROB = ("probability", "prob", "score", "confidence")
 
@@ -117,7 +117,7 @@ def prediction_files(folder: str) -> Dict[str, str]:
 
     for entry in sorted(os.listdir(folder)):
         p = os.path.join(folder, entry)
-        if entry.lower().endswith(".csv") and os.path.isfile(p) and entry != "cohort.csv":
+        if entry.lower().endswith(".csv") and os.path.isfile(p) and entry != COHORT_CSV:
             add(entry[:-4], p)
     for root, dirs, files in os.walk(folder):
         dirs.sort()

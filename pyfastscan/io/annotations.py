@@ -57,9 +57,9 @@ def _crossings(rings: Sequence[np.ndarray], shape: Tuple[int, int], downsample: 
     r0, r1 = (int(np.clip(np.ceil(v), 0, h)) for v in (allp[:, 1].min(), allp[:, 1].max()))
     c0, c1 = (int(np.clip(np.ceil(v), 0, w)) for v in (allp[:, 0].min(), allp[:, 0].max()))
     # every edge of every ring at once: edge k crosses the pixel-centre rows [ceil(lo), ceil(hi))
-    a = np.concatenate(rings)
     b = np.concatenate([np.roll(p, -1, axis=0) for p in rings])
-    a, b = a[a[:, 1] != b[:, 1]], b[a[:, 1] != b[:, 1]]  # horizontal edges cross no row
+    crossing = allp[:, 1] != b[:, 1]  # horizontal edges cross no row
+    a, b = allp[crossing], b[crossing]
     (x0, y0), (x1, y1) = a.T, b.T
     first = np.clip(np.ceil(np.minimum(y0, y1)), r0, r1).astype(np.int64)
     n = np.clip(np.ceil(np.maximum(y0, y1)), r0, r1).astype(np.int64) - first

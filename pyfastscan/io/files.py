@@ -115,6 +115,7 @@ RESULT_FILES = ("report.json", "heatmap.tif", "overlay.png", "detections.csv", "
                 "detections.geojson", "detections.xml", "heatmap_contours.geojson", "heatmap_contours.xml",
                 "mitoses.csv", "mitoses.geojson", "hotspot.png")
 LOCK = ".pyfastscan.lock"
+COHORT_CSV, COHORT_EVENTS = "cohort.csv", "cohort.jsonl"  # what pyfastscan cohort writes beside the slide folders
 
 
 class OutputFolderError(InvalidArgumentError):

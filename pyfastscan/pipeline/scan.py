@@ -50,6 +50,13 @@ class ScanResult(SlideRun):
         return save_result(self, folder, command, heatmap_dtype, truth, extra)
 
 
+def check_engine(engine: str) -> str:
+    """``engine`` if it is one of :data:`ENGINES`, else InvalidArgumentError."""
+    if engine not in ENGINES:
+        raise InvalidArgumentError(f"engine must be one of {ENGINES}, got {engine!r}")
+    return engine
+
+
 def scan_slide(slide, model: nn.Module, *, alpha: Optional[int] = None, mpp: Optional[float] = None, device="cpu",
                precision: str = "auto", plan: Optional[str] = None, mode: str = "auto", patch: Optional[int] = None,
                stride: Optional[int] = None, normalize=None, batch_size: Optional[int] = None,
@@ -118,8 +125,7 @@ def scan_slide(slide, model: nn.Module, *, alpha: Optional[int] = None, mpp: Opt
     """
     check("threshold", threshold)
     check_optional("positive_class", positive_class)
-    if engine not in ENGINES:
-        raise InvalidArgumentError(f"engine must be one of {ENGINES}, got {engine!r}")
+    check_engine(engine)
     if engine == "local" and workers is not None:
         raise InvalidArgumentError(f"workers={workers!r} is for engine='ray' (Ray actors); the local engine's reader "
                                    "threads are readers=")

@@ -104,8 +104,9 @@ PRESETS = {
                                  hed_beta=(-0.05, 0.05), saturation=(0.9, 1.1), contrast=(0.9, 1.1),
                                  brightness=(0.9, 1.1)),
 }
-# the sides Tellez et al. read and crop to
+# the sides Tellez et al. read and crop to, and the margin read around a patch for the warps
 TELLEZ_CONTEXT, TELLEZ_PATCH = 128, 100
+TELLEZ_MARGIN = (TELLEZ_CONTEXT - TELLEZ_PATCH) / 2 / TELLEZ_PATCH  # 0.14 of the patch on each side
 
 
 class Params(NamedTuple):

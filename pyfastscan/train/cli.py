@@ -1,11 +1,10 @@
 """`pyfastscan train` and `pyfastscan mine`. Each returns the exit status (0 done, 2 bad
 input, reported on stderr in one line)."""
-import json
 import math
 import os
 import sys
 
-from ..clihelp import add_command
+from ..clihelp import add_command, parse_arch_kwargs
 from ..validate import Number, cli_type
 
 _INT1 = Number(integer=True, lo=1, hi=1 << 30)
@@ -134,21 +133,13 @@ def main(args) -> int:
 
 
 def _arch_kwargs(text):
-    if not text:
-        return {}
-    try:
-        v = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"--arch-kwargs is not JSON ({exc}): {text!r}") from None
-    if not isinstance(v, dict):
-        raise ValueError(f"--arch-kwargs must be a JSON object, got {text!r}")
-    return v
+    return parse_arch_kwargs(text) or {}
 
 
 def _train(args) -> int:
     from ..dense import geometry
     from ..models import create, get_entry
-    from .augment import PRESETS
+    from .augment import PRESETS, TELLEZ_MARGIN
     from .dataset import PatchDataset, read_manifest
     from .mine import train_rounds
 
@@ -162,7 +153,7 @@ def _train(args) -> int:
     context = args.context
     if context is None:
         cfg = PRESETS[args.augment]
-        context = patch + 2 * math.ceil(0.14 * patch) if cfg.warps or cfg.rot90 else patch
+        context = patch + 2 * math.ceil(TELLEZ_MARGIN * patch) if cfg.warps or cfg.rot90 else patch
     val_specs = [s for s in specs if s.split == "val"]
     common = dict(context=context, grid_um=args.grid_um, margin_um=args.margin_um, jitter_um=args.jitter_um,
                   seed=args.seed, positive_inset_um=args.positive_inset_um)

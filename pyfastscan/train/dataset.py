@@ -305,7 +305,7 @@ def slide_labels(spec: SlideSpec, s, *, grid_um: float, margin_um: float, border
     slide's edge are dropped, so a whole patch can be read around every location."""
     from scipy import ndimage
 
-    from ..io import read_asap_xml, read_geojson, rasterize
+    from ..io import rasterize, read_annotations
     from ..io.sliderunner import SlideRunnerDB
     from ..slide.tissue import TissueMask, otsu_tissue_mask, user_tissue_mask
 
@@ -321,7 +321,7 @@ def slide_labels(spec: SlideSpec, s, *, grid_um: float, margin_um: float, border
         if not os.path.isfile(path):
             raise InvalidArgumentError(f"{spec.slide}: annotation file {path} not found")
         if low.endswith(_POLYGON_EXT):
-            anns = read_asap_xml(path) if low.endswith(".xml") else read_geojson(path)
+            anns = read_annotations(path)
             positive |= rasterize(anns, (gh, gw), d, groups=spec.positive_groups)
             pts = [a.coords for a in anns if a.kind == "points" and
                    (spec.positive_groups is None or a.group in spec.positive_groups)]

@@ -175,10 +175,11 @@ def train_rounds(arch: str, train_ds, val_ds, *, out: str, mine_rounds: int = 1,
                   rounds=[])
     model, weights = res.model, res.weights
     base_share = {k: v for k, v in train_ds.shares.items() if k != "hard"}
+    if mine_rounds:  # each round's "before" is the model the previous round left: scanned once
+        before, sens_before = validation_fp(model, val_specs, **mine_kw)
     for k in range(1, mine_rounds + 1):
         folder = os.path.join(out, f"round{k}")
         t0 = time.perf_counter()
-        before, sens_before = validation_fp(model, val_specs, **mine_kw)
         files, mined = mine(model, train_ds.specs, os.path.join(folder, "negatives"), log=log,
                             max_negatives=max_negatives, **mine_kw)
         found = sum(len(m.xy) for m in mined)
@@ -207,6 +208,7 @@ def train_rounds(arch: str, train_ds, val_ds, *, out: str, mine_rounds: int = 1,
         if log:
             log(f"round {k}: {found} hard negatives; on the validation slides, false-positive share "
                 f"{before:.2%} -> {after:.2%}, positive cells found {sens_before:.2%} -> {sens_after:.2%}")
+        before, sens_before = after, sens_after
     final = os.path.join(out, "model.safetensors")
     if weights and os.path.abspath(weights) != os.path.abspath(final):
         from ..io.files import atomic_write
