@@ -4,9 +4,17 @@ import math
 from typing import Dict, Sequence
 
 from ..io.files import atomic_write
+from ..io.images import font, text_size
 
 SERIES = (("train_loss", (200, 30, 30), "left"), ("val_loss", (230, 140, 40), "left"),
           ("val_f1", (30, 90, 200), "right"), ("val_auc", (40, 160, 80), "right"))
+
+
+def _nice_top(v: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k at or above ``v`` (> 0): an axis end whose fifths
+    are round numbers."""
+    k = math.floor(math.log10(v))
+    return next(m * 10.0 ** k for m in (1, 2, 2.5, 5, 10) if m * 10.0 ** k >= v * (1 - 1e-12))
 
 
 def write_learning_curve(path: str, history: Sequence[Dict[str, float]], size=(720, 480)) -> str:
@@ -21,7 +29,8 @@ def write_learning_curve(path: str, history: Sequence[Dict[str, float]], size=(7
     emax = max(max(epochs, default=1), 1)
     losses = [r[k] for r in history for k, _, side in SERIES
               if side == "left" and isinstance(r.get(k), float) and math.isfinite(r[k])]
-    lmax = max(losses, default=1.0) * 1.05 or 1.0
+    lmax = _nice_top(max(losses, default=1.0) or 1.0)
+    fnt = font(12)
 
     def px(e, v, side):
         y = v / lmax if side == "left" else v
@@ -31,17 +40,22 @@ def write_learning_curve(path: str, history: Sequence[Dict[str, float]], size=(7
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     for k in range(6):
         y = h - bottom - k / 5 * (h - top - bottom)
-        d.text((8, y - 6), f"{lmax * k / 5:.3g}", fill="black")
-        d.text((w - right + 8, y - 6), f"{k / 5:.1f}", fill="black")
-    for e in epochs:
-        x = px(e, 0, "right")[0]
-        d.text((x - 4, h - bottom + 6), str(e), fill="black")
+        s = f"{lmax * k / 5:g}"
+        d.text((left - 8 - text_size(d, s, fnt)[0], y - 7), s, fill="black", font=fnt)
+        d.text((w - right + 8, y - 7), f"{k / 5:.1f}", fill="black", font=fnt)
+    last_right = -1e9
+    for e in epochs:  # a label that would touch the previous one is left out
+        x, s = px(e, 0, "right")[0], str(e)
+        tw = text_size(d, s, fnt)[0]
+        if x - tw / 2 > last_right + 6:
+            d.text((x - tw / 2, h - bottom + 6), s, fill="black", font=fnt)
+            last_right = x + tw / 2
     for i, (key, colour, side) in enumerate(SERIES):
         pts = [px(r["epoch"], r[key], side) for r in history if isinstance(r.get(key), float) and math.isfinite(r[key])]
         if len(pts) > 1:
             d.line(pts, fill=colour, width=2)
         for x, y in pts:
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        d.text((left + 10 + i * 140, 14), f"{key} ({side})", fill=colour)
-    d.text((w // 2 - 20, h - 22), "epoch", fill="black")
+        d.text((left + 10 + i * 140, 14), f"{key} ({side})", fill=colour, font=fnt)
+    d.text((w // 2 - 20, h - 22), "epoch", fill="black", font=fnt)
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
