@@ -117,3 +117,123 @@ def test_boxes_touching_equals_any_in(h, w, ds, side, seed):
     xs, ys = rng.uniform(-20, 150, 7), rng.uniform(-20, 150, 5)
     ref = np.array([[tm.any_in(x, y, x + side, y + side) for x in xs] for y in ys])
     assert np.array_equal(tm.boxes_touching(xs, ys, side), ref)
+
+
+def _jpeg_pyramid(path, h=1100, w=900, seed=1):
+    """A JPEG-tiled two-level TIFF OpenSlide opens as generic-tiff: smooth tissue-like
+    colour with noise, so the tiles carry detail."""
+    from pyfastscan.io.images import write_pyramid_tif
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([128 + 60 * np.sin(yy / 37.0), 100 + 50 * np.cos(xx / 23.0), 160 + 40 * np.sin((xx + yy) / 51.0)],
+                   axis=-1) + rng.normal(0, 12, (h, w, 3))
+    return write_pyramid_tif(str(path), np.clip(img, 0, 255).astype(np.uint8), 0.5, levels=2, compression="jpeg")
+
+
+def test_stored_levels_read_from_the_tiles_are_openslides_pixels(tmp_path):
+    """A plain tiled TIFF's stored levels come from its tiles (each decoded once while
+    cached), and every pixel equals OpenSlide's: inside, across tile borders, partly and
+    wholly outside the level (white), on the generated TIFF and on the bundled Aperio SVS."""
+    from pyfastscan.samples import skin_slide_path
+
+    for path in (_jpeg_pyramid(tmp_path / "j.tif"), skin_slide_path()):
+        s = open_slide(path)
+        o = openslide.OpenSlide(path)
+        for level in range(o.level_count):
+            lw, lh = o.level_dimensions[level]
+            ds = o.level_downsamples[level]
+            for lx, ly, w, h in ((0, 0, lw, lh), (200, 130, 300, 260), (lw - 50, lh - 70, 120, 90), (lw + 5, 0, 40, 40),
+                                 (-30, -20, 100, 80)):
+                want = s.read(int(lx * ds), int(ly * ds), w, h, level)  # OpenSlide, composited on white
+                assert np.array_equal(s.read_level(lx, ly, w, h, level), want), (path, level, lx, ly)
+            assert isinstance(s._same_pixels[level], TiffFileSlide)  # the tile path was taken
+        o.close()
+        s.close()
+
+
+def test_each_tile_is_decoded_once_while_cached_and_the_cache_stays_bounded(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pyfastscan.slide.tiff import SegmentCache
+
+    path = _jpeg_pyramid(tmp_path / "j.tif", 1024, 1024)
+    t = TiffFileSlide(path)
+    tiles = t._pages[0].databytecounts
+    # overlapping regions (a 3 x 3 grid of 400 px ROIs at stride 300), read by 4 threads at once
+    regions = [(x, y) for y in range(0, 700, 300) for x in range(0, 700, 300)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda r: t.read_level_rgb(0, r[0], r[1], 400, 400), regions))
+    assert t._cache.decoded == len(tiles) == 16  # every tile met, each decoded once
+    whole = t.read_level(0, 0, 0, 1024, 1024)[..., :3]
+    assert t._cache.decoded == 16
+    for (x, y), out in zip(regions, outs):
+        assert np.array_equal(out, whole[y:y + 400, x:x + 400])
+    t.close()
+
+    small = SegmentCache(capacity=3 * 256 * 256 * 3)  # room for 3 decoded tiles
+    t = TiffFileSlide(path)
+    t._cache = small
+    t.read_level_rgb(0, 0, 0, 1024, 256)  # 4 tiles in a row: the first is dropped
+    assert small._bytes <= small.capacity and len(small._items) == 3 and small.decoded == 4
+    t.read_level_rgb(0, 768, 0, 256, 256)  # the last one is still there
+    assert small.decoded == 4
+    t.read_level_rgb(0, 0, 0, 256, 256)  # the first is decoded again
+    assert small.decoded == 5
+    t.close()
+
+
+def test_a_decoder_failure_reaches_every_thread_waiting_for_that_tile():
+    import threading
+
+    from pyfastscan.slide.tiff import SegmentCache
+
+    cache, started, release = SegmentCache(), threading.Event(), threading.Event()
+    calls = []
+
+    def failing():
+        calls.append(1)
+        started.set()
+        release.wait(5)
+        raise SlideError("tile 0 is corrupt")
+
+    errors = []
+
+    def reader():
+        try:
+            cache.get(("l", 0), failing)
+        except SlideError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    threads[0].start()
+    assert started.wait(5)
+    for th in threads[1:]:
+        th.start()
+    release.set()
+    for th in threads:
+        th.join(5)
+    assert errors == ["tile 0 is corrupt"] * 3 and len(calls) == 3  # each waiter tried again and failed itself
+    assert not cache._items and not cache._busy
+
+
+def test_a_level_whose_tiles_are_not_openslides_pixels_stays_with_openslide(tmp_path, monkeypatch):
+    import pyfastscan.slide.reader as reader
+
+    path = _jpeg_pyramid(tmp_path / "j.tif")
+    real = TiffFileSlide.read_level
+
+    def off_by_one(self, level, lx, ly, w, h):  # a decoder that differs from OpenSlide's
+        out = real(self, level, lx, ly, w, h)
+        out[..., 0] ^= 1
+        return out
+
+    monkeypatch.setattr(TiffFileSlide, "read_level", off_by_one)
+    monkeypatch.setattr(TiffFileSlide, "read_level_rgb", lambda *a: pytest.fail("the tile path was taken"))
+    s = open_slide(path)
+    assert reader._same_on_largest_tile(s.handle, s._exact_level_reader(0), 0) is False
+    o = openslide.OpenSlide(path)
+    assert np.array_equal(s.read_level(10, 20, 300, 200, 0), np.asarray(o.read_region((10, 20), 0, (300, 200)))[..., :3])
+    assert s._same_pixels[0] is None
+    o.close()
+    s.close()

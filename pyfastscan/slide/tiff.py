@@ -1,9 +1,12 @@
 """OpenSlide's reading interface over tifffile, for TIFFs OpenSlide cannot open (striped
 images, unusual layouts) and for pyramids stored as SubIFDs (OME-TIFF), which OpenSlide
-does not see. A region read decodes only the tiles or strips it touches."""
+does not see. A region read decodes only the tiles or strips it touches, each once while
+it stays in a bounded cache of decoded segments (neighbouring ROIs share their halo's
+tiles)."""
 import re
 import threading
-from typing import Dict, List, Tuple
+from collections import OrderedDict
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -15,6 +18,54 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 def is_tiff(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) in _TIFF_MAGIC
+
+
+SEGMENT_CACHE_BYTES = 96 << 20  # decoded tiles kept per open TIFF (a 256 px RGB tile is 192 KiB)
+
+
+class SegmentCache:
+    """Decoded segments by key, the least recently used dropped beyond ``capacity`` bytes.
+    Thread-safe; a segment one thread is decoding is waited for by the others, so each is
+    decoded once while it stays cached. Cached arrays are read-only (they are shared)."""
+
+    def __init__(self, capacity: int = SEGMENT_CACHE_BYTES):
+        self.capacity = capacity
+        self._items: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self._busy: Dict[tuple, threading.Event] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.decoded = 0  # segments decoded (misses), for tests and benchmarks
+
+    def get(self, key: tuple, decode: Callable[[], tuple]) -> tuple:
+        """``decode()`` -> (array or None, anything): the cached value of ``key``, decoded once."""
+        while True:
+            with self._lock:
+                hit = self._items.get(key)
+                if hit is not None:
+                    self._items.move_to_end(key)
+                    return hit
+                wait = self._busy.get(key)
+                if wait is None:
+                    self._busy[key] = threading.Event()
+                    break
+            wait.wait()  # another thread decodes it; then look again (it may have failed)
+        try:
+            value = decode()
+            self.decoded += 1
+            if value[0] is not None:
+                value[0].flags.writeable = False
+            size = 0 if value[0] is None else value[0].nbytes
+            with self._lock:
+                if size <= self.capacity:
+                    self._items[key] = value
+                    self._bytes += size
+                    while self._bytes > self.capacity:
+                        _, (old, _) = self._items.popitem(last=False)
+                        self._bytes -= 0 if old is None else old.nbytes
+            return value
+        finally:
+            with self._lock:
+                self._busy.pop(key).set()
 
 
 class TiffFileSlide:
@@ -50,6 +101,7 @@ class TiffFileSlide:
             self._tif.close()
             raise
         self._lock = threading.Lock()
+        self._cache = SegmentCache()
 
     def _properties(self) -> Dict[str, str]:
         page = self._pages[0]
@@ -98,30 +150,8 @@ class TiffFileSlide:
         not an integer when the level-0 location falls between its pixels)."""
         page = self._pages[level]
         out = np.zeros((h, w, 4), dtype=np.uint8)
-        x0, y0 = max(lx, 0), max(ly, 0)
-        x1, y1 = min(lx + w, page.imagewidth), min(ly + h, page.imagelength)
-        if x1 <= x0 or y1 <= y0:
-            return out
-        fh = self._tif.filehandle
         spp = page.samplesperpixel
-        for i in self._segments(page, y0, y1, x0, x1):
-            offset, count = page.dataoffsets[i], page.databytecounts[i]
-            with self._lock:
-                fh.seek(offset)
-                data = fh.read(count) if count else None
-            try:
-                seg, (plane, _, sy, sx, _), _ = page.decode(data, i, jpegtables=page.jpegtables)
-            except Exception as exc:  # codecs raise many types
-                raise SlideError(f"{self.name}: segment {i} of level {level} cannot be decoded (corrupt file?): "
-                                 f"{type(exc).__name__}: {exc}") from None
-            if seg is None:
-                continue
-            seg = seg[0]  # (length, width, contig samples)
-            ya, yb = max(y0, sy), min(y1, sy + seg.shape[0])
-            xa, xb = max(x0, sx), min(x1, sx + seg.shape[1])
-            if ya >= yb or xa >= xb:
-                continue
-            block = seg[ya - sy:yb - sy, xa - sx:xb - sx]
+        for ya, yb, xa, xb, block, plane in self._pieces(level, lx, ly, w, h):
             dst = out[ya - ly:yb - ly, xa - lx:xb - lx]
             if page.planarconfig == 2 and spp > 1:
                 dst[..., plane if plane < 3 else 3] = block[..., 0]
@@ -132,6 +162,53 @@ class TiffFileSlide:
             if spp != 4:
                 dst[..., 3] = 255
         return out
+
+    def read_level_rgb(self, level: int, lx: int, ly: int, w: int, h: int):
+        """RGB uint8 (h, w, 3) of the same pixels, or None when they are not all opaque
+        stored RGB (the region leaves the image, a tile is missing, the level is not
+        3-sample contiguous): then :meth:`read_level` says where. The fast path of a scan's
+        reads: one copy per tile, no alpha."""
+        page = self._pages[level]
+        if page.samplesperpixel != 3 or (page.planarconfig == 2) or lx < 0 or ly < 0 or \
+                lx + w > page.imagewidth or ly + h > page.imagelength:
+            return None
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        covered = 0
+        for ya, yb, xa, xb, block, _ in self._pieces(level, lx, ly, w, h):
+            out[ya - ly:yb - ly, xa - lx:xb - lx] = block
+            covered += (yb - ya) * (xb - xa)
+        return out if covered == w * h else None  # segments do not overlap: area counts coverage
+
+    def _pieces(self, level: int, lx: int, ly: int, w: int, h: int):
+        """(ya, yb, xa, xb, block, plane) for each decoded segment meeting the region:
+        ``block`` holds its level pixels [xa, xb) x [ya, yb)."""
+        page = self._pages[level]
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + w, page.imagewidth), min(ly + h, page.imagelength)
+        if x1 <= x0 or y1 <= y0:
+            return
+        fh = self._tif.filehandle
+
+        def decode(i):
+            offset, count = page.dataoffsets[i], page.databytecounts[i]
+            with self._lock:
+                fh.seek(offset)
+                data = fh.read(count) if count else None
+            try:
+                seg, (plane, _, sy, sx, _), _ = page.decode(data, i, jpegtables=page.jpegtables)
+            except Exception as exc:  # codecs raise many types
+                raise SlideError(f"{self.name}: segment {i} of level {level} cannot be decoded (corrupt file?): "
+                                 f"{type(exc).__name__}: {exc}") from None
+            return (None if seg is None else seg[0]), (plane, sy, sx)  # (length, width, contig samples)
+
+        for i in self._segments(page, y0, y1, x0, x1):
+            seg, (plane, sy, sx) = self._cache.get((level, i), lambda: decode(i))
+            if seg is None:
+                continue
+            ya, yb = max(y0, sy), min(y1, sy + seg.shape[0])
+            xa, xb = max(x0, sx), min(x1, sx + seg.shape[1])
+            if ya < yb and xa < xb:
+                yield ya, yb, xa, xb, seg[ya - sy:yb - sy, xa - sx:xb - sx], plane
 
     def close(self) -> None:
         self._tif.close()
