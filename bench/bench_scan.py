@@ -35,8 +35,8 @@ ALPHA = 2
 ROUNDS = 5  # overhead: model alone and whole scan, interleaved in pairs
 
 
-def _tissue() -> np.ndarray:
-    """TISSUE x TISSUE RGB: the skin slide's level 0 with the carcinoma patch pasted in,
+def _tissue(side: int = TISSUE) -> np.ndarray:
+    """side x side RGB: the skin slide's level 0 with the carcinoma patch pasted in,
     mirrored to size."""
     import openslide
 
@@ -47,8 +47,9 @@ def _tissue() -> np.ndarray:
     skin = skin.copy()
     car = carcinoma_image()[..., :3]
     skin[500:500 + car.shape[0], 600:600 + car.shape[1]] = car
-    tiled = np.pad(skin, ((0, TISSUE), (0, TISSUE), (0, 0)), mode="symmetric")  # mirrored copies
-    return np.ascontiguousarray(tiled[:TISSUE, :TISSUE])
+    reps = -(-side // min(skin.shape[:2]))
+    tiled = np.pad(skin, ((0, reps * skin.shape[0]), (0, reps * skin.shape[1]), (0, 0)), mode="symmetric")  # mirrored
+    return np.ascontiguousarray(tiled[:side, :side])
 
 
 def build_slide(path: str, side: int, tissue: np.ndarray) -> str:
@@ -82,8 +83,8 @@ def build_slide(path: str, side: int, tissue: np.ndarray) -> str:
 
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         for i, ds in enumerate(levels):
-            img = tissue if ds == 1 else tissue.reshape(TISSUE // ds, ds, TISSUE // ds, ds, 3).mean(axis=(1, 3)).astype(
-                np.uint8)
+            t = tissue.shape[0]
+            img = tissue if ds == 1 else tissue.reshape(t // ds, ds, t // ds, ds, 3).mean(axis=(1, 3)).astype(np.uint8)
             n = -(-side // ds)
             res = 1e4 / (MPP * ds)
             tif.write(tiles(ds, img), shape=(n, n, 3), dtype=np.uint8, tile=(TILE, TILE), compression="jpeg",

@@ -8,12 +8,13 @@ copied to the device and computed with reading, copying and computing overlapped
   decode). Each ROI lands in a buffer from a ring of reusable buffers (one set per ROI
   shape; page-locked when the model is on CUDA), so memory stays flat however long the
   slide.
-- Reader threads touch only numpy (a PyTorch op in a thread of its own starts another
-  OpenMP team whose threads spin on the model's cores: with it, the scan of bench_scan's
-  slide took 1.2-1.3x the model alone even with every read cached, 1.06x without it). On
-  the CPU the pixels become the model's input (float in [0, 1]) in the consumer's thread,
-  just before the model; on CUDA the uint8 pixels travel (a quarter of the bytes) on a
-  copy stream of their own, ``non_blocking``, and are converted on the device.
+- Reader threads touch only numpy, never PyTorch ops (a PyTorch op in a thread of its
+  own starts another OpenMP team whose threads spin on the model's cores: with that, the
+  scan of bench_scan's slide took 1.2-1.3x the model alone even with every read cached,
+  1.06x without). On the CPU the reader also converts the pixels to the model's input
+  (float in [0, 1], numpy's division, bit for bit PyTorch's ``div_(255)``); on CUDA the
+  uint8 pixels travel (a quarter of the bytes) on a copy stream of their own,
+  ``non_blocking``, and are converted on the device.
 - The model's output stays on the device and comes back asynchronously: the block of ROI
   k is waited for only after ROI k + 1 has been launched, so there is no synchronisation
   between launching one ROI and the next.
@@ -112,15 +113,20 @@ class RoiPipeline:
         self.timings = timings if timings is not None else {}
         self.timings.setdefault("read_wait", 0.0)
         self.timings.setdefault("infer", 0.0)
-        self.ring = BufferRing(torch.uint8, pin=self.cuda)  # the readers' pixels (pinned for CUDA)
-        self.inputs = BufferRing(in_dtype)  # CPU: the model's input, converted from the pixels
+        # CPU: the model's input, converted by the readers; CUDA: pinned uint8 pixels.
+        self.ring = BufferRing(torch.uint8 if self.cuda else in_dtype, pin=self.cuda)
         self.depth_grew = 0
 
     def _load(self, roi):
         """Reader thread: decode ``roi`` into a buffer of the ring."""
         rgb = self.read(roi)
-        buf = self.ring.take(rgb.shape)
-        np.copyto(buf.numpy(), rgb)
+        if self.cuda:
+            buf = self.ring.take(rgb.shape)
+            np.copyto(buf.numpy(), rgb)
+            return buf
+        buf = self.ring.take((1, 3) + rgb.shape[:2])
+        out = buf.numpy()
+        np.divide(rgb.transpose(2, 0, 1), 255, out=out[0], dtype=out.dtype)  # = torch's div_(255), bit for bit
         return buf
 
     def __iter__(self):
@@ -154,15 +160,10 @@ class RoiPipeline:
                 timings["read_wait"] += time.perf_counter() - t
                 fill()
                 t = time.perf_counter()
-                h, w = buf.shape[:2]
-                x = self.inputs.take((1, 3, h, w))
-                x[0].copy_(buf.permute(2, 0, 1))
-                x.div_(255)
-                self.ring.give(buf)
                 with torch.inference_mode():  # only around the model: never across a yield
-                    block = self.run(x).float().numpy()
+                    block = self.run(buf).float().numpy()
                 timings["infer"] += time.perf_counter() - t
-                self.inputs.give(x)
+                self.ring.give(buf)
                 yield roi, block
         finally:  # a failing ROI or a consumer that stops early: queued reads are dropped, not waited for
             pool.shutdown(wait=True, cancel_futures=True)
