@@ -241,8 +241,10 @@ class Slide:
         out = np.empty((th, tw, 3), dtype=np.uint8)
         if factor * w * 4 <= THUMBNAIL_BAND_BYTES:
             rows = max(1, THUMBNAIL_BAND_BYTES // (factor * w * 4)) * factor  # whole blocks per band
+            stored = level == 0 or float(ds).is_integer()  # then read_level gives the same pixels, from the tiles
             for y in range(0, h, rows):
-                band = self.read(0, int(y * ds), w, min(rows, h - y), level)
+                n = min(rows, h - y)
+                band = self.read_level(0, y, w, n, level) if stored else self.read(0, int(y * ds), w, n, level)
                 if factor > 1:
                     band = np.asarray(Image.fromarray(band).reduce(factor))
                 out[y // factor:y // factor + band.shape[0]] = band
