@@ -109,6 +109,10 @@ TELLEZ_CONTEXT, TELLEZ_PATCH = 128, 100
 TELLEZ_MARGIN = (TELLEZ_CONTEXT - TELLEZ_PATCH) / 2 / TELLEZ_PATCH  # 0.14 of the patch on each side
 
 
+# (x, y) -> torch.rot90 by k of it, k = 0..3, as matrices
+_TURNS = torch.tensor([[[1, 0], [0, 1]], [[0, -1], [1, 0]], [[-1, 0], [0, -1]], [[0, 1], [-1, 0]]], dtype=torch.float64)
+
+
 class Params(NamedTuple):
     """Per-image parameters of one batch (N images; CPU tensors, float64 unless said)."""
 
@@ -238,14 +242,15 @@ class Augment:
             g = _gaussian_matrix(P, self.config.elastic_sigma, dev, dt)
             disp = g @ p.elastic.to(dev, dt) @ g.T  # the separable Gaussian, zero beyond the field
             q = q + self.config.elastic_alpha * disp.permute(0, 2, 3, 1)
-        qx, qy = q[..., 0], q[..., 1]  # in the turned and mirrored context
+        # in the turned and mirrored context: the mirror (x -> -x) first, then torch.rot90 by
+        # k ((x, y) reads (-y, x), k times), as one signed permutation per image; its
+        # entries are 0 and +-1, so the product picks +-x or +-y exactly (one batched
+        # matrix product instead of eight selections over the grid)
+        M = _TURNS.to(dev, dt)[p.k.to(dev) if self.config.rot90 else torch.zeros(n, dtype=torch.long, device=dev)]
         if self.config.flip:
-            qx = torch.where(p.flip.to(dev)[:, None, None], -qx, qx)
-        if self.config.rot90:
-            k = p.k.to(dev)[:, None, None]  # torch.rot90 by k: (x, y) reads (-y, x), k times
-            qx, qy = (torch.where(k == 0, qx, torch.where(k == 1, -qy, torch.where(k == 2, -qx, qy))),
-                      torch.where(k == 0, qy, torch.where(k == 1, qx, torch.where(k == 2, -qy, -qx))))
-        src = torch.stack([qx, qy], dim=-1) + (S - 1) / 2
+            f = torch.where(p.flip.to(dev), -1.0, 1.0).to(dt)
+            M = M * torch.stack([f, torch.ones_like(f)], dim=1)[:, None, :]  # column x mirrored
+        src = torch.bmm(q.reshape(n, P * P, 2), M.transpose(1, 2)).reshape(n, P, P, 2) + (S - 1) / 2
         norm = (2 * src + 1) / S - 1  # grid_sample, align_corners=False: pixel centres
         return F.grid_sample(x, norm, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -257,13 +262,13 @@ class Augment:
         if c.saturation != (1.0, 1.0):
             grey = (x * w).sum(1, keepdim=True)
             f = p.saturation.to(dev, dt)[:, None, None, None]
-            x = (grey + f * (x - grey)).clamp(0, 1)
+            x = (x - grey).mul_(f).add_(grey).clamp_(0, 1)  # grey + f (x - grey), in place
         if c.contrast != (1.0, 1.0):
             mean = (x * w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
             f = p.contrast.to(dev, dt)[:, None, None, None]
-            x = (mean + f * (x - mean)).clamp(0, 1)
+            x = (x - mean).mul_(f).add_(mean).clamp_(0, 1)
         if c.brightness != (1.0, 1.0):
-            x = (x * p.brightness.to(dev, dt)[:, None, None, None]).clamp(0, 1)
+            x = (x * p.brightness.to(dev, dt)[:, None, None, None]).clamp_(0, 1)
         return x
 
     def blur(self, x: torch.Tensor, p: Params) -> torch.Tensor:
@@ -285,7 +290,7 @@ class Augment:
         float32 (N, 3, P, P) in [0, 1] on ``x``'s device."""
         P = self._patch(x)
         x = self.hed(x, p)
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         x = self.geometry(x, p, P)
         x = self.colour(x, p)
         x = self.blur(x, p)
