@@ -67,6 +67,7 @@ def single_thread_rate(path: str, rois) -> float:
     import numpy as np
 
     from pyfastscan.pipeline.engine import read_scan_region
+    from pyfastscan.pipeline.readers import to_model_input
     from pyfastscan.slide import open_slide
 
     s = open_slide(path)
@@ -74,8 +75,7 @@ def single_thread_rate(path: str, rois) -> float:
     px = 0
     for roi in rois:
         rgb = read_scan_region(s, *roi[4:], 1.0, 0, 1.0)
-        out = np.empty((3,) + rgb.shape[:2], np.float32)
-        np.divide(rgb.transpose(2, 0, 1), 255, out=out, dtype=out.dtype)
+        to_model_input(rgb, np.empty((3,) + rgb.shape[:2], np.float32))
         px += rgb.shape[0] * rgb.shape[1]
     rate = px / (time.perf_counter() - t) / 1e6
     s.close()

@@ -57,6 +57,12 @@ def _yield_to_the_model() -> None:
         pass
 
 
+def to_model_input(rgb: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 pixels -> ``out``, (3, h, w) float in [0, 1] (its dtype), with numpy
+    only, so a reader thread runs no PyTorch op; bit for bit PyTorch's ``div_(255)``."""
+    return np.divide(rgb.transpose(2, 0, 1), 255, out=out, dtype=out.dtype)
+
+
 def max_read_ahead(readers: int) -> int:
     """The most ROIs read ahead at once (the memory budget counts this many buffers)."""
     return 2 * readers + 1
@@ -125,8 +131,7 @@ class RoiPipeline:
             np.copyto(buf.numpy(), rgb)
             return buf
         buf = self.ring.take((1, 3) + rgb.shape[:2])
-        out = buf.numpy()
-        np.divide(rgb.transpose(2, 0, 1), 255, out=out[0], dtype=out.dtype)  # = torch's div_(255), bit for bit
+        to_model_input(rgb, buf.numpy()[0])
         return buf
 
     def __iter__(self):
@@ -215,4 +220,4 @@ class RoiPipeline:
             yield finish_one()
 
 
-__all__ = ["RoiPipeline", "BufferRing", "default_readers", "max_read_ahead"]
+__all__ = ["RoiPipeline", "BufferRing", "default_readers", "max_read_ahead", "to_model_input"]

@@ -60,6 +60,7 @@ class Slide:
     mpp: float
     path: Optional[str] = None  # the file, when opened from one (read_level reads its TIFF pages)
     _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+    _same_pixels: dict = field(default_factory=dict, repr=False, compare=False)  # level -> tile reader or None
 
     @property
     def dimensions(self) -> Tuple[int, int]:
@@ -145,7 +146,7 @@ class Slide:
         stored comes from the TIFF's tiles when they are OpenSlide's pixels, which is
         several times faster (:meth:`_same_pixels_reader`)."""
         ds = float(self.handle.level_downsamples[level])
-        stored = level == 0 or ds.is_integer()
+        stored = self._stored(level)
         exact = self._same_pixels_reader(level) if stored else self._exact_level_reader(level)
         if exact is None and stored:
             return self.read(int(lx * ds), int(ly * ds), w, h, level)
@@ -178,6 +179,10 @@ class Slide:
             return None
         return self._exact
 
+    def _stored(self, level: int) -> bool:
+        """Does OpenSlide read ``level`` as stored (level 0, or an integer downsample)?"""
+        return level == 0 or float(self.handle.level_downsamples[level]).is_integer()
+
     def _same_pixels_reader(self, level: int):
         """For a level OpenSlide reads as stored: the tifffile reader when it gives the same
         pixels, or None (read with OpenSlide). OpenSlide composites every region through
@@ -187,10 +192,8 @@ class Slide:
         while cached (:class:`~pyfastscan.slide.tiff.SegmentCache`). Checked once per level
         on the level's largest tile (the most detail): both readers must return the same
         RGBA there, else the level stays with OpenSlide."""
+        checked = self._same_pixels
         with self._lock:
-            if not hasattr(self, "_same_pixels"):
-                self._same_pixels = {}
-            checked = self._same_pixels
             if level in checked:
                 return checked[level]
         reader = None
@@ -241,7 +244,7 @@ class Slide:
         out = np.empty((th, tw, 3), dtype=np.uint8)
         if factor * w * 4 <= THUMBNAIL_BAND_BYTES:
             rows = max(1, THUMBNAIL_BAND_BYTES // (factor * w * 4)) * factor  # whole blocks per band
-            stored = level == 0 or float(ds).is_integer()  # then read_level gives the same pixels, from the tiles
+            stored = self._stored(level)  # then read_level gives the same pixels, from the tiles
             for y in range(0, h, rows):
                 n = min(rows, h - y)
                 band = self.read_level(0, y, w, n, level) if stored else self.read(0, int(y * ds), w, n, level)
@@ -276,7 +279,8 @@ SAME_PIXEL_VENDORS = ("generic-tiff", "aperio")  # plain tiled TIFFs: tiles as s
 def _same_on_largest_tile(handle, exact, level: int) -> bool:
     """Do OpenSlide (``handle``) and the tifffile reader return the same RGBA over the
     level's largest tile (by stored bytes)?"""
-    page = exact._pages[exact_level_index(exact, handle, level)]
+    index = exact_level_index(exact, handle, level)
+    page = exact._pages[index]
     if not page.is_tiled or not len(page.databytecounts):
         return False
     i = int(np.argmax(page.databytecounts))
@@ -287,7 +291,7 @@ def _same_on_largest_tile(handle, exact, level: int) -> bool:
     ds = float(handle.level_downsamples[level])
     try:
         theirs = np.asarray(handle.read_region((int(x * ds), int(y * ds)), level, (w, h)))
-        ours = exact.read_level(exact_level_index(exact, handle, level), x, y, w, h)
+        ours = exact.read_level(index, x, y, w, h)
     except Exception:  # either cannot read it: keep OpenSlide, whose errors the scan reports
         return False
     return theirs.shape == ours.shape and bool(np.array_equal(theirs, ours))

@@ -51,11 +51,11 @@ class SegmentCache:
             wait.wait()  # another thread decodes it; then look again (it may have failed)
         try:
             value = decode()
-            self.decoded += 1
             if value[0] is not None:
                 value[0].flags.writeable = False
             size = 0 if value[0] is None else value[0].nbytes
             with self._lock:
+                self.decoded += 1
                 if size <= self.capacity:
                     self._items[key] = value
                     self._bytes += size

@@ -246,7 +246,7 @@ class Augment:
         # k ((x, y) reads (-y, x), k times), as one signed permutation per image; its
         # entries are 0 and +-1, so the product picks +-x or +-y exactly (one batched
         # matrix product instead of eight selections over the grid)
-        M = _TURNS.to(dev, dt)[p.k.to(dev) if self.config.rot90 else torch.zeros(n, dtype=torch.long, device=dev)]
+        M = _TURNS.to(dev, dt)[(p.k if self.config.rot90 else torch.zeros_like(p.k)).to(dev)]
         if self.config.flip:
             f = torch.where(p.flip.to(dev), -1.0, 1.0).to(dt)
             M = M * torch.stack([f, torch.ones_like(f)], dim=1)[:, None, :]  # column x mirrored
