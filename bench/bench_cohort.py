@@ -70,7 +70,9 @@ def build(folder: str, k: int) -> str:
 
 def span(out: str) -> float:
     """Seconds from the first slide's start to the last slide's finish (cohort.jsonl)."""
-    with open(os.path.join(out, "cohort.jsonl")) as f:
+    from pyfastscan.cohort import COHORT_EVENTS
+
+    with open(os.path.join(out, COHORT_EVENTS)) as f:
         ev = [json.loads(ln) for ln in f if ln.strip()]
     return max(e["time"] for e in ev if e["event"] == "finish") - min(e["time"] for e in ev if e["event"] == "start")
 

@@ -468,3 +468,26 @@ def test_auto_roi_size_takes_the_least_work():
     chosen = least_work_roi_outputs(g, n_rows, n_cols, 64, tissue, 1.0)
     tried = {max(1, int(round(64 * 0.25 ** (k / 10)))) for k in range(11)}
     assert chosen in tried and work(chosen) == min(work(L) for L in tried) and chosen < 64
+
+
+def test_the_weights_digest_is_remembered_only_while_the_weights_are_unchanged():
+    from pyfastscan.pipeline.checkpoint import weights_digest
+
+    model = _model(torch.float32)
+    first = weights_digest(model)
+    assert weights_digest(model) == first
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0].add_(1)  # in place: the version moves
+    edited = weights_digest(model)
+    assert edited != first
+    model.load_state_dict(_model(torch.float32).state_dict())  # another model's weights, copied in place
+    assert weights_digest(model) == first
+    name, p = next(model.named_parameters())
+    mod, attr = model, name
+    while "." in attr:
+        head, attr = attr.split(".", 1)
+        mod = getattr(mod, head)
+    setattr(mod, attr, torch.nn.Parameter(p.detach() + 1))  # a new tensor object in its place
+    import copy
+
+    assert weights_digest(model) == weights_digest(copy.deepcopy(model)) not in (first, edited)

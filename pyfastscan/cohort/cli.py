@@ -5,6 +5,7 @@ import os
 import shlex
 import sys
 
+from ..io.files import COHORT_CSV
 from ..validate import cli_type
 
 EPILOG_COHORT = ("Each slide goes to OUT/<its path relative to the slides' common folder, without extension>/; "
@@ -93,7 +94,7 @@ def main(args, load_model, common) -> int:
             print(f"{r.slide}: {r.status}, score {r.score:.4f}, {r.detections} detections -> {r.folder}")
     failed = res.count("failed")
     print(f"pyfastscan cohort: {res.count('done')} done, {res.count('skipped')} skipped, {failed} failed of "
-          f"{len(res.records)} -> {os.path.join(args.out, 'cohort.csv')}", file=sys.stderr)
+          f"{len(res.records)} -> {os.path.join(args.out, COHORT_CSV)}", file=sys.stderr)
     if failed:
         return 3 if any(r.internal for r in res.records) else 1
     return 0

@@ -24,12 +24,14 @@ class SlideWorker:
         import torch
 
         torch.set_num_threads(threads)  # the driver's: oneDNN's sums, so the maps' last bits, depend on it
-        self.model, self.index, self.scanners = model, index, {}
+        self.model, self.index, self.scanners, self._info = model, index, {}, None
 
     def info(self) -> dict:
-        info = worker_info()
-        gpus = f" GPU {','.join(info['gpus'])}" if info["gpus"] else ""
-        return dict(info, name=f"ray worker {self.index} ({info['node']} pid {info['pid']}{gpus})")
+        if self._info is None:  # once per process: a restarted worker is a new process, its __init__ runs again
+            info = worker_info()
+            gpus = f" GPU {','.join(info['gpus'])}" if info["gpus"] else ""
+            self._info = dict(info, name=f"ray worker {self.index} ({info['node']} pid {info['pid']}{gpus})")
+        return self._info
 
     def scan(self, rec: SlideRecord, work: dict) -> dict:
         return attempt(rec, dict(work, model=self.model), self.info()["name"], self.scanners)

@@ -31,7 +31,7 @@ from ..io.files import COHORT_CSV, COHORT_EVENTS, work_in_folder, write_text
 COLUMNS = ("slide", "status", "score", "detections", "tissue_cells", "seconds", "worker", "error")
 JOB = "cohort"
 # scan options that change how fast, not what: left out of the run key
-SPEED_OPTIONS = ("progress", "readers", "batch_size", "engine", "workers", "address", "scanners")
+SPEED_OPTIONS = ("progress", "readers", "batch_size")  # engine, scanners and checkpoint are refused (job.py)
 
 
 @dataclass

@@ -13,10 +13,10 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..io.asap import detections_to_annotations
-from ..io.files import atomic_write, prepare_folder, write_json, write_text
+from ..io.files import prepare_folder, write_json, write_text
 from ..io.geojson import write_geojson
 from ..ops.hotspot import hotspot_counts
-from ..io.images import colour_map
+from ..io.images import colour_map, write_png
 from ..pipeline.outputs import run_report
 
 
@@ -65,7 +65,7 @@ def write_hotspot_png(path: str, res) -> str:
         draw.text((min(max(5, x - 2 * side), tw - 90), min(max(32, y + 1.5 * side + 3), th - 28)),
                   f"{q.max_count} (10 HPF)", fill=(0, 0, 255))
     draw.text((5, 5), f"mitoses: {len(res.mitoses)}  grade {res.grade}", fill=(0, 0, 0))
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return write_png(path, img)
 
 
 def save_mitoses(res, folder: str, command: Optional[str] = None) -> Dict[str, str]:

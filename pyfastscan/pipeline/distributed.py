@@ -183,11 +183,11 @@ def infer_rois_ray(job, todo: list, slide, model, options: dict, *, workers: Opt
     where = portable_slide(slide)
     key = scan_key(job)
     with ray_session(address) as ray:
-        gpus = ray.cluster_resources().get("GPU", 0)
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0)
         n = workers or (int(gpus) if gpus >= 1 else 2)
         on_gpu = str(options["device"]).startswith("cuda") and gpus >= n
-        cls = ray.remote(RoiWorker).options(num_cpus=0 if on_gpu else min(1.0, ray.cluster_resources().get("CPU", 1)
-                                                                           / n),
+        cls = ray.remote(RoiWorker).options(num_cpus=0 if on_gpu else min(1.0, resources.get("CPU", 1) / n),
                                             num_gpus=1 if on_gpu else 0, max_restarts=-1, max_task_retries=0)
         model_ref = ray.put(model)
         import torch

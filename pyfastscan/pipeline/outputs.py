@@ -119,11 +119,6 @@ def _inside(mask: np.ndarray, x: float, y: float) -> bool:
     return bool(mask[min(mask.shape[0] - 1, max(0, int(y))), min(mask.shape[1] - 1, max(0, int(x)))])
 
 
-def hits_of(detections, mask: np.ndarray, ds: float) -> int:
-    """How many detections lie in ``mask`` (a thumbnail-grid mask, ``ds`` level-0 px per pixel)."""
-    return sum(_inside(mask, d.x / ds, d.y / ds) for d in detections)
-
-
 def write_overlay_png(path: str, result, truth: Optional[Sequence] = None, floor: float = OVERLAY_FLOOR) -> str:
     """The slide thumbnail with the map in colour where it is at least ``floor`` (the glass
     and low-probability tissue stay as they are), the tissue outline (grey), the ground
@@ -143,14 +138,14 @@ def write_overlay_png(path: str, result, truth: Optional[Sequence] = None, floor
     out[m & ~ndimage.binary_erosion(m)] = TISSUE_COLOUR
     truth = list(truth or [])
     polys = [a for a in truth if a.kind == "polygon"]
-    inside_truth = rasterize(polys, (th, tw), ds) if polys else np.zeros((th, tw), dtype=bool)
+    inside_truth = rasterize(polys, (th, tw), ds) if polys else None
+    hit = [inside_truth is not None and _inside(inside_truth, d.x / ds, d.y / ds) for d in result.detections]
 
     fnt = font(12)
     n = len(result.detections)
     items = [("ring", f"detection (p > {result.threshold:g}): {n}")]
     if polys:
-        items += [("dot", f"detection inside the truth: {hits_of(result.detections, inside_truth, ds)}"
-                          f" of {n}")]
+        items += [("dot", f"detection inside the truth: {sum(hit)} of {n}")]
     if truth:
         items += [("truth", "ground truth")]
     items += [("tissue", "tissue outline")]
@@ -171,11 +166,11 @@ def write_overlay_png(path: str, result, truth: Optional[Sequence] = None, floor
         if a.kind == "points":
             for x, y in a.coords:
                 draw.rectangle([x / ds - 3, y / ds - 3, x / ds + 3, y / ds + 3], outline=TRUTH_COLOUR, width=2)
-    for d in result.detections:
+    for d, inside in zip(result.detections, hit):
         x, y = d.x / ds, d.y / ds
         draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline=(255, 255, 255), width=3)
         draw.ellipse([x - 5, y - 5, x + 5, y + 5], outline=DETECTION_COLOUR, width=1,
-                     fill=DETECTION_COLOUR if polys and _inside(inside_truth, x, y) else None)
+                     fill=DETECTION_COLOUR if inside else None)
 
     top = th + 30
     draw_colour_bar(draw, (10, top, 210, top + 14), (0, floor, 0.5, 1), f"probability (no colour below {floor:g})",

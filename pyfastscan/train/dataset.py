@@ -50,7 +50,7 @@ import io as _io
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -233,7 +233,6 @@ class SlideLabels:
     tissue: np.ndarray
     points: np.ndarray
     hard: np.ndarray
-    hard_probability: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def cell_of(self, x, y) -> Tuple[np.ndarray, np.ndarray]:
         """(row, col) of the cells holding level-0 points, clamped to the grid."""
@@ -315,7 +314,7 @@ def slide_labels(spec: SlideSpec, s, *, grid_um: float, margin_um: float, border
     cy, cx = (np.arange(gh) + 0.5) * d, (np.arange(gw) + 0.5) * d
     positive = np.zeros((gh, gw), dtype=bool)
     allowed = None  # negative_labels' region
-    points, hard, hard_p = [np.zeros((0, 2))], [np.zeros((0, 2))], [np.zeros(0)]
+    points, hard = [np.zeros((0, 2))], [np.zeros((0, 2))]
     for path in spec.annotations:
         low = path.lower()
         if not os.path.isfile(path):
@@ -340,17 +339,14 @@ def slide_labels(spec: SlideSpec, s, *, grid_um: float, margin_um: float, border
                 if spec.lookalike_class and spec.lookalike_class in db.classes().values():
                     look = db.points(name, spec.lookalike_class)
                     hard.append(look)
-                    hard_p.append(np.ones(len(look)))
         elif low.endswith(".csv"):
             points.append(_read_points_file(path)[0])
         else:
             raise InvalidArgumentError(f"{spec.slide}: annotation file {path}: unknown type (expected "
                                        f"{', '.join(_POLYGON_EXT + _MASK_EXT + _DB_EXT)} or .csv)")
     for path in spec.negatives:
-        xy, prob = _read_points_file(path)
-        hard.append(xy)
-        hard_p.append(prob)
-    points, hard, hard_p = np.concatenate(points), np.concatenate(hard), np.concatenate(hard_p)
+        hard.append(_read_points_file(path)[0])
+    points, hard = np.concatenate(points), np.concatenate(hard)
 
     if spec.tissue:
         from PIL import Image
@@ -368,7 +364,7 @@ def slide_labels(spec: SlideSpec, s, *, grid_um: float, margin_um: float, border
         if len(cand):
             r = np.clip((cand[:, 1] // d).astype(np.int64), 0, gh - 1)
             cand = cand[tissue[r, np.clip((cand[:, 0] // d).astype(np.int64), 0, gw - 1)]]
-        hard, hard_p = np.concatenate([hard, cand]), np.concatenate([hard_p, np.ones(len(cand))])
+        hard = np.concatenate([hard, cand])
     if allowed is not None:
         tissue = allowed
 
@@ -404,13 +400,13 @@ def slide_labels(spec: SlideSpec, s, *, grid_um: float, margin_um: float, border
                 diff = hard[k:k + 4096, None, :] - points[None, :, :]
                 far[k:k + 4096] = (np.sqrt((diff ** 2).sum(-1)) >= margin_px + j * math.sqrt(2)).all(axis=1)
             keep &= far
-        hard, hard_p = hard[keep], hard_p[keep]
+        hard = hard[keep]
     # cells whose every point lies at least border_px inside the slide
     ok_r = (np.arange(gh) * d >= border_px) & ((np.arange(gh) + 1) * d <= h0 - border_px)
     ok_c = (np.arange(gw) * d >= border_px) & ((np.arange(gw) + 1) * d <= w0 - border_px)
     fits = ok_r[:, None] & ok_c[None, :]
     return SlideLabels(spec.slide, s.mpp, (w0, h0), d, positive & fits, near, tissue & ~near & ~positive & fits,
-                       points, hard, hard_p)
+                       points, hard)
 
 
 class Draw(NamedTuple):

@@ -3,8 +3,7 @@ AUC on the right one (0 to 1), one point per epoch."""
 import math
 from typing import Dict, Sequence
 
-from ..io.files import atomic_write
-from ..io.images import font, text_size
+from ..io.images import font, text_size, write_png
 
 SERIES = (("train_loss", (200, 30, 30), "left"), ("val_loss", (230, 140, 40), "left"),
           ("val_f1", (30, 90, 200), "right"), ("val_auc", (40, 160, 80), "right"))
@@ -58,4 +57,4 @@ def write_learning_curve(path: str, history: Sequence[Dict[str, float]], size=(7
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         d.text((left + 10 + i * 140, 14), f"{key} ({side})", fill=colour, font=fnt)
     d.text((w // 2 - 20, h - 22), "epoch", fill="black", font=fnt)
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return write_png(path, img)
