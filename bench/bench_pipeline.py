@@ -62,7 +62,7 @@ def _stand_in(rate_mpx_s: float):
 
 
 def single_thread_rate(path: str, rois) -> float:
-    """Mpx/s of the readers' work (decode + convert, as RoiPipeline._load on the CPU) in
+    """Mpx/s of the readers' work (decode + convert, as RoiPipeline._load beside a model) in
     one thread over ``rois``, through a slide opened for it (its tile cache starts cold)."""
     import numpy as np
 
@@ -89,10 +89,12 @@ def run(path: str, readers: int = None) -> dict:
     from pyfastscan.pipeline.readers import default_readers
 
     # The stand-in is an accelerator (it takes no CPU), so its readers run as they do for a
-    # CUDA model: at normal priority. (On a CPU device they yield to the model's threads,
-    # readers.CPU_READER_NICE, which here would only slow them against this process's
-    # other threads.)
+    # CUDA model: beside it, at normal priority. (On a CPU device whose model fills the
+    # cores they take turns with it, readers.CPU_PHASES, or yield to its threads,
+    # readers.CPU_READER_NICE; here either would only idle the stand-in or slow the
+    # readers against this process's other threads.)
     readers_module.CPU_READER_NICE = 0
+    readers_module.CPU_PHASES = False
 
     readers = readers or default_readers()
     probe = _stand_in(1e6)

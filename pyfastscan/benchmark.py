@@ -11,7 +11,6 @@ slide (``--slide``): the single-thread rate of the readers' work times the reade
 capped by the cores. bench/bench_pipeline.py and bench/bench_models.py use the same
 functions.
 """
-import os
 import platform
 import time
 from typing import Callable, List, Optional
@@ -21,6 +20,7 @@ from torch import nn
 
 from .dense import to_dense
 from .errors import InvalidArgumentError
+from .pipeline.readers import cpu_cores as cores
 
 
 def cpu_name() -> str:
@@ -43,13 +43,6 @@ def device_name(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (cc {'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
     return cpu_name()
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _sync(device) -> None:

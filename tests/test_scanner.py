@@ -83,7 +83,20 @@ def test_padded_resnet_in_patch_mode_equals_the_literal_patch_loop():
     assert np.all(np.abs(res.heatmap.astype(np.float64) - loop) <= bound + store)
 
 
-def test_pipeline_keeps_inference_mode_inside_and_stops_early():
+@pytest.fixture(params=["phases", "overlap"])
+def cpu_mode(request, monkeypatch):
+    """The CPU pipeline in each of its modes: reading and computing in turns (the model's
+    threads fill the cores) and overlapped (they do not)."""
+    from pyfastscan.pipeline import readers
+
+    if request.param == "phases":
+        monkeypatch.setattr(readers, "cpu_cores", lambda: 1)
+    else:
+        monkeypatch.setattr(readers, "CPU_PHASES", False)
+    return request.param
+
+
+def test_pipeline_keeps_inference_mode_inside_and_stops_early(cpu_mode):
     from pyfastscan.pipeline.readers import RoiPipeline
 
     reads = []
@@ -102,3 +115,39 @@ def test_pipeline_keeps_inference_mode_inside_and_stops_early():
     it.close()  # the consumer stops: queued reads are cancelled, not all 40 read
     assert len(reads) < 40
     assert pipe.ring.allocated <= pipe.max_depth + 1  # buffers bounded by the read-ahead
+    assert pipe.phased == (cpu_mode == "phases")
+
+
+def test_in_phases_no_read_runs_beside_the_model_and_the_blocks_are_the_same(cpu_mode):
+    import threading
+    import time
+
+    from pyfastscan.pipeline.readers import RoiPipeline
+
+    lock, active, beside = threading.Lock(), [0], []
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (5 + k % 3, 7, 3), dtype=np.uint8) for k in range(30)]
+
+    def read(k):
+        with lock:
+            active[0] += 1
+        time.sleep(0.002)  # a read long enough to be seen if it overlaps
+        with lock:
+            active[0] -= 1
+        return images[k]
+
+    def run(x):
+        beside.append(active[0])
+        time.sleep(0.002)
+        beside.append(active[0])
+        return x[0, 1] * 3 + x[0, 2]
+
+    pipe = RoiPipeline(read, range(30), run, device="cpu", in_dtype=torch.float32, readers=2)
+    out = list(pipe)
+    assert [k for k, _ in out] == list(range(30))
+    for k, block in out:  # the model's input: the pixels / 255 (bit for bit), (1, 3, h, w)
+        x = torch.from_numpy(images[k]).permute(2, 0, 1).float().div_(255)
+        assert np.array_equal(block, (x[1] * 3 + x[2]).numpy())
+    if cpu_mode == "phases":
+        assert max(beside) == 0  # no reader ran while the model did
+        assert pipe.phase == 4 * pipe.max_depth  # uint8 ROIs in the bytes of max_depth float32 inputs

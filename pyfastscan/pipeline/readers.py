@@ -11,10 +11,17 @@ copied to the device and computed with reading, copying and computing overlapped
 - Reader threads touch only numpy, never PyTorch ops (a PyTorch op in a thread of its
   own starts another OpenMP team whose threads spin on the model's cores: with that, the
   scan of bench_scan's slide took 1.2-1.3x the model alone even with every read cached,
-  1.06x without). On the CPU the reader also converts the pixels to the model's input
-  (float in [0, 1], numpy's division, bit for bit PyTorch's ``div_(255)``); on CUDA the
-  uint8 pixels travel (a quarter of the bytes) on a copy stream of their own,
-  ``non_blocking``, and are converted on the device.
+  1.06x without). On CUDA the uint8 pixels travel (a quarter of the bytes) on a copy
+  stream of their own, ``non_blocking``, and are converted on the device.
+- On the CPU, when the model's threads fill the cores (``torch.get_num_threads()`` >= the
+  cores this process may use), reading and computing take turns (``CPU_PHASES``): all
+  readers decode a phase of ROIs (uint8, as many as the memory budget's read-ahead
+  buffers hold), then the model computes them with no reader running, the conversion to
+  its input (float in [0, 1], ``div_(255)``) done by the model's own threads. A reader
+  running beside the model takes a core from one of its threads, and the others then wait
+  at the next barrier, so overlapping costs more than the reads it hides. Otherwise (a
+  model on fewer threads than cores) the readers run beside it, at a lower priority, and
+  convert the pixels themselves (numpy's division, bit for bit ``div_(255)``).
 - The model's output stays on the device and comes back asynchronously: the block of ROI
   k is waited for only after ROI k + 1 has been launched, so there is no synchronisation
   between launching one ROI and the next.
@@ -22,6 +29,7 @@ copied to the device and computed with reading, copying and computing overlapped
   ``max_depth``) each time the model had to wait for a read while reads were still
   queued, so the model never waits when the readers can keep up.
 """
+import itertools
 import os
 import threading
 import time
@@ -33,16 +41,23 @@ import numpy as np
 import torch
 
 
+def cpu_cores() -> int:
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_readers() -> int:
     """Reader threads by default: one per core this process may use, at least 2, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 2
-    return max(2, min(8, cores))
+    return max(2, min(8, cpu_cores()))
 
 
 CPU_READER_NICE = 10  # how much lower a CPU scan's reader threads run than the model's threads
+# On the CPU, read and compute in turns when the model's threads fill the cores (see the
+# module's docstring); a benchmark whose stand-in model takes no CPU sets it False.
+CPU_PHASES = True
 
 
 def _yield_to_the_model() -> None:
@@ -119,9 +134,13 @@ class RoiPipeline:
         self.timings = timings if timings is not None else {}
         self.timings.setdefault("read_wait", 0.0)
         self.timings.setdefault("infer", 0.0)
-        # CPU: the model's input, converted by the readers; CUDA: pinned uint8 pixels.
+        # CPU: the model's input (converted by the readers, or by the model's threads in
+        # phases); CUDA: pinned uint8 pixels.
         self.ring = BufferRing(torch.uint8 if self.cuda else in_dtype, pin=self.cuda)
         self.depth_grew = 0
+        self.phased = not self.cuda and CPU_PHASES and torch.get_num_threads() >= cpu_cores()
+        # a phase's uint8 ROIs take the bytes of the max_depth input buffers the budget counts
+        self.phase = self.max_depth * torch.empty((), dtype=in_dtype).element_size()
 
     def _load(self, roi):
         """Reader thread: decode ``roi`` into a buffer of the ring."""
@@ -136,6 +155,9 @@ class RoiPipeline:
 
     def __iter__(self):
         if not self.todo:
+            return
+        if self.phased:
+            yield from self._cpu_phases()
             return
         timings = self.timings
         pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="pyfastscan-reader",
@@ -171,6 +193,37 @@ class RoiPipeline:
                 self.ring.give(buf)
                 yield roi, block
         finally:  # a failing ROI or a consumer that stops early: queued reads are dropped, not waited for
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _cpu_phases(self):
+        """CPU, the model's threads on every core: the readers decode ``phase`` ROIs, then
+        the model computes them (its threads converting each to its input) with no reader
+        running, and so on."""
+        timings = self.timings
+        pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="pyfastscan-reader")
+        try:
+            it = iter(self.todo)
+            while True:
+                batch = list(itertools.islice(it, self.phase))
+                if not batch:
+                    return
+                t = time.perf_counter()
+                futures = deque(pool.submit(self.read, roi) for roi in batch)
+                for f in futures:  # every read of the phase done before the model starts
+                    f.exception()
+                timings["read_wait"] += time.perf_counter() - t
+                for roi in batch:
+                    rgb = futures.popleft().result()
+                    t = time.perf_counter()
+                    with torch.inference_mode():  # only around the model: never across a yield
+                        x = self.ring.take((1, 3) + rgb.shape[:2])
+                        x[0].copy_(torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1))
+                        block = self.run(x.div_(255)).float().numpy()
+                    del rgb
+                    timings["infer"] += time.perf_counter() - t
+                    self.ring.give(x)
+                    yield roi, block
+        finally:  # a failing ROI or a consumer that stops early: queued reads are dropped
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _cuda_loop(self, pending, fill):
