@@ -51,5 +51,6 @@ class TissueMask:
         c1 = np.clip(np.ceil((xs + side) / d), 0, w).astype(np.int64)
         r1, c1 = np.maximum(r1, r0), np.maximum(c1, c0)
         sat = self._sat
-        count = sat[r1][:, c1] - sat[r0][:, c1] - sat[r1][:, c0] + sat[r0][:, c0]
+        r0, r1, c0, c1 = r0[:, None], r1[:, None], c0[None, :], c1[None, :]
+        count = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]
         return count > 0

@@ -6,7 +6,7 @@ tiles)."""
 import re
 import threading
 from collections import OrderedDict
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -36,19 +36,22 @@ class SegmentCache:
         self._lock = threading.Lock()
         self.decoded = 0  # segments decoded (misses), for tests and benchmarks
 
-    def get(self, key: tuple, decode: Callable[[], tuple]) -> tuple:
-        """``decode()`` -> (array or None, anything): the cached value of ``key``, decoded once."""
+    def get(self, key: tuple, decode: Callable[[], tuple], wait: bool = True) -> Optional[tuple]:
+        """``decode()`` -> (array or None, anything): the cached value of ``key``, decoded once.
+        ``wait=False``: None when another thread is decoding it (come back for it later)."""
         while True:
             with self._lock:
                 hit = self._items.get(key)
                 if hit is not None:
                     self._items.move_to_end(key)
                     return hit
-                wait = self._busy.get(key)
-                if wait is None:
+                busy = self._busy.get(key)
+                if busy is None:
                     self._busy[key] = threading.Event()
                     break
-            wait.wait()  # another thread decodes it; then look again (it may have failed)
+            if not wait:
+                return None
+            busy.wait()  # another thread decodes it; then look again (it may have failed)
         try:
             value = decode()
             if value[0] is not None:
@@ -201,14 +204,27 @@ class TiffFileSlide:
                                  f"{type(exc).__name__}: {exc}") from None
             return (None if seg is None else seg[0]), (plane, sy, sx)  # (length, width, contig samples)
 
-        for i in self._segments(page, y0, y1, x0, x1):
-            seg, (plane, sy, sx) = self._cache.get((level, i), lambda: decode(i))
+        def piece(got):
+            seg, (plane, sy, sx) = got
             if seg is None:
-                continue
+                return None
             ya, yb = max(y0, sy), min(y1, sy + seg.shape[0])
             xa, xb = max(x0, sx), min(x1, sx + seg.shape[1])
-            if ya < yb and xa < xb:
-                yield ya, yb, xa, xb, seg[ya - sy:yb - sy, xa - sx:xb - sx], plane
+            return (ya, yb, xa, xb, seg[ya - sy:yb - sy, xa - sx:xb - sx], plane) if ya < yb and xa < xb else None
+
+        later = []  # segments another thread is decoding: taken after the others, not waited for first
+        for i in self._segments(page, y0, y1, x0, x1):
+            got = self._cache.get((level, i), lambda: decode(i), wait=False)
+            if got is None:
+                later.append(i)
+                continue
+            p = piece(got)
+            if p is not None:
+                yield p
+        for i in later:
+            p = piece(self._cache.get((level, i), lambda: decode(i)))
+            if p is not None:
+                yield p
 
     def close(self) -> None:
         self._tif.close()
