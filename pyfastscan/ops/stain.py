@@ -15,6 +15,7 @@ equal to the reference and the reference equal to scikit-image.
 Layouts: (N, 3, H, W) by default, (N, H, W, 3) with ``channels_last=True``; a single
 image may drop N. uint8 images are in [0, 255], float images in [0, 1].
 """
+import functools
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -50,12 +51,17 @@ def fused_params(alpha: torch.Tensor, beta: torch.Tensor, with_tables: bool) -> 
     m = (hed_from_rgb()[None] * a[:, None, :]) @ rgb_from_hed()  # (N, 3, 3)
     k = -LOG_ADJUST * (b @ rgb_from_hed())  # (N, 3)
     tables = None
-    if with_tables:
-        lnp = torch.log(torch.clamp(torch.arange(256, dtype=torch.float64) / 255, min=EPS))  # (256,)
-        t = torch.exp(lnp[None, None, None, :] * m[:, :, :, None])  # (N, i, j, v)
+    if with_tables:  # one outer product (each entry one rounded product, as a broadcast multiply) and exp
+        t = torch.outer(m.reshape(-1), _log_levels()).exp_().reshape(-1, 3, 3, 256)  # (N, i, j, v)
         t[:, 0] *= (255 * torch.exp(k))[:, :, None]
-        tables = t.float().contiguous()
+        tables = t.float()
     return FusedParams(m, k, tables)
+
+
+@functools.lru_cache(maxsize=1)
+def _log_levels() -> torch.Tensor:
+    """(256,) float64: ln(max(v / 255, EPS)) for v = 0..255."""
+    return torch.log(torch.clamp(torch.arange(256, dtype=torch.float64) / 255, min=EPS))
 
 
 # ----------------------------------------------------------------------------- validation
