@@ -15,8 +15,9 @@ in this order:
    shift_px]`` per axis) and elastic deformation (Simard et al.: a displacement field of
    uniform [-1, 1] noise smoothed by a Gaussian of ``elastic_sigma`` px, zero beyond the
    field, and scaled by ``elastic_alpha`` px) as one bilinear resampling of the context into
-   the ``patch`` x ``patch`` centre (kornia's grid and Gaussian kernel, the filter applied
-   as two matrix products; reflection beyond the context).
+   the ``patch`` x ``patch`` centre (the affine part as one ``affine_grid``, kornia's
+   Gaussian kernel for the field, applied as two matrix products; reflection beyond the
+   context).
    One resampling, not kornia's ``warp_affine`` then ``elastic_transform2d``: every
    resampling blurs, and Tellez's zoom and elastic deformation are one warp.
 3. Colour, contrast, brightness (PIL ``ImageEnhance`` semantics, each clipped to [0, 1]):
@@ -233,43 +234,51 @@ class Augment:
             if self.config.flip:
                 x = torch.where(p.flip.to(x.device)[:, None, None, None], x.flip(3), x)
             return x
-        from kornia.geometry import create_meshgrid
-
         dev, dt = x.device, x.dtype
-        grid = create_meshgrid(P, P, normalized_coordinates=False, device=dev, dtype=dt)  # (1, P, P, 2) x, y
-        q = (grid - (P - 1) / 2) / p.zoom.to(dev, dt)[:, None, None, None] + p.shift.to(dev, dt)[:, None, None, :]
+        # in the turned and mirrored context: the mirror (x -> -x) first, then torch.rot90 by
+        # k ((x, y) reads (-y, x), k times), as one signed permutation M per image. Output
+        # pixel q (px from the patch centre) samples context pixel M (q / zoom + shift + d(q))
+        # from the context's centre, d the elastic displacement; in grid_sample's units
+        # (align_corners=False: x_norm = 2 x_px / S from the centre, output u = 2 q / P)
+        # that is the affine map theta = [M P / (S zoom) | 2 M shift / S] of u, plus 2 M d / S.
+        M = _TURNS[p.k if self.config.rot90 else torch.zeros_like(p.k)]  # float64, CPU: (n, 2, 2)
+        if self.config.flip:
+            M = M * torch.stack([torch.where(p.flip, -1.0, 1.0).double(), torch.ones(n, dtype=torch.float64)],
+                                dim=1)[:, None, :]  # column x mirrored
+        theta = torch.cat([M * (P / S / p.zoom)[:, None, None], (2 / S) * (M @ p.shift[:, :, None])], dim=2)
+        norm = F.affine_grid(theta.to(dev, dt), [n, 3, P, P], align_corners=False)  # (n, P, P, 2) x, y
         if p.elastic is not None:
             g = _gaussian_matrix(P, self.config.elastic_sigma, dev, dt)
-            disp = g @ p.elastic.to(dev, dt) @ g.T  # the separable Gaussian, zero beyond the field
-            q = q + self.config.elastic_alpha * disp.permute(0, 2, 3, 1)
-        # in the turned and mirrored context: the mirror (x -> -x) first, then torch.rot90 by
-        # k ((x, y) reads (-y, x), k times), as one signed permutation per image; its
-        # entries are 0 and +-1, so the product picks +-x or +-y exactly (one batched
-        # matrix product instead of eight selections over the grid)
-        M = _TURNS.to(dev, dt)[(p.k if self.config.rot90 else torch.zeros_like(p.k)).to(dev)]
-        if self.config.flip:
-            f = torch.where(p.flip.to(dev), -1.0, 1.0).to(dt)
-            M = M * torch.stack([f, torch.ones_like(f)], dim=1)[:, None, :]  # column x mirrored
-        src = torch.bmm(q.reshape(n, P * P, 2), M.transpose(1, 2)).reshape(n, P, P, 2) + (S - 1) / 2
-        norm = (2 * src + 1) / S - 1  # grid_sample, align_corners=False: pixel centres
+            disp = (g @ p.elastic.to(dev, dt) @ g.T).permute(0, 2, 3, 1)  # the separable Gaussian, zero beyond the field
+            Md = (2 * self.config.elastic_alpha / S) * M.to(dev, dt)
+            norm = norm + torch.bmm(disp.reshape(n, P * P, 2), Md.transpose(1, 2)).reshape(n, P, P, 2)
         return F.grid_sample(x, norm, mode="bilinear", padding_mode="reflection", align_corners=False)
 
     def colour(self, x: torch.Tensor, p: Params) -> torch.Tensor:
-        """Step 3: colour (saturation), contrast, brightness, each clipped to [0, 1]."""
+        """Step 3: colour (saturation), contrast, brightness, each clipped to [0, 1]; in
+        place when ``x`` is contiguous."""
         c = self.config
         dev, dt = x.device, x.dtype
-        w = torch.tensor([0.299, 0.587, 0.114], device=dev, dtype=dt)[None, :, None, None]
-        if c.saturation != (1.0, 1.0):
-            grey = (x * w).sum(1, keepdim=True)
-            f = p.saturation.to(dev, dt)[:, None, None, None]
-            x = (x - grey).mul_(f).add_(grey).clamp_(0, 1)  # grey + f (x - grey), in place
+        shape, n = x.shape, x.shape[0]
+        # as (n, 3, H W): per-image factors broadcast over long contiguous rows (over (n, 3,
+        # H, W) the inner loops are W long: ~3x the time)
+        x = x.reshape(n, 3, -1)
+        w = torch.tensor([0.299, 0.587, 0.114], device=dev, dtype=dt)
+
+        def factor(v):
+            return v.to(dev, dt)[:, None, None]
+
+        # in place (apply hands over a tensor of its own): a new tensor of this size costs
+        # page faults as large as the arithmetic
+        if c.saturation != (1.0, 1.0):  # grey + f (x - grey), grey = 0.299 R + 0.587 G + 0.114 B
+            grey = torch.matmul(w, x)[:, None]
+            x.sub_(grey).mul_(factor(p.saturation)).add_(grey).clamp_(0, 1)
         if c.contrast != (1.0, 1.0):
-            mean = (x * w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-            f = p.contrast.to(dev, dt)[:, None, None, None]
-            x = (x - mean).mul_(f).add_(mean).clamp_(0, 1)
+            mean = torch.matmul(w, x).mean(1)[:, None, None]
+            x.sub_(mean).mul_(factor(p.contrast)).add_(mean).clamp_(0, 1)
         if c.brightness != (1.0, 1.0):
-            x = (x * p.brightness.to(dev, dt)[:, None, None, None]).clamp_(0, 1)
-        return x
+            x.mul_(factor(p.brightness)).clamp_(0, 1)
+        return x.reshape(shape)
 
     def blur(self, x: torch.Tensor, p: Params) -> torch.Tensor:
         """Step 4."""
@@ -290,7 +299,8 @@ class Augment:
         float32 (N, 3, P, P) in [0, 1] on ``x``'s device."""
         P = self._patch(x)
         x = self.hed(x, p)
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        # a tensor of its own: the later steps may work in place
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
         x = self.geometry(x, p, P)
         x = self.colour(x, p)
         x = self.blur(x, p)
