@@ -116,27 +116,39 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 from .errors import internal_error as _internal_error  # noqa: E402  (kept below the CLI for the jobs)
 
 
+def _job_model(args):
+    """The model of a slide job (scan, mitosis, cohort), with the process settings its
+    options ask for (threads) and the --mpp deprecation notice; None after saying on one
+    line why the weights cannot be loaded."""
+    import torch
+
+    from .errors import PyfastscanError
+
+    try:
+        model = _load_cli_model(args)
+    except (PyfastscanError, OSError, ValueError) as exc:
+        print(f"pyfastscan {args.command}: cannot load weights {args.weights}: {_one_line(exc)}", file=sys.stderr)
+        return None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.mpp is not None:
+        print(f"pyfastscan {args.command}: --mpp is deprecated: use --scan-mpp (the resolution to scan at) and "
+              "--slide-mpp (level 0's, for slides without one)", file=sys.stderr)
+    return model
+
+
 def _slides(args, run_one) -> int:
     """Run ``run_one`` on every slide; a slide that fails, for any reason, is reported on one
     line with its file and the reason, its output folder is marked failed, and the others
     go on. Returns the exit status (see EXIT_CODES)."""
-    import torch
-
     from . import open_slide
     from .errors import PyfastscanError
     from .io.files import slide_folders, work_in_folder
 
     job = args.command
-    try:
-        model = _load_cli_model(args)
-    except (PyfastscanError, OSError, ValueError) as exc:
-        print(f"pyfastscan {job}: cannot load weights {args.weights}: {_one_line(exc)}", file=sys.stderr)
+    model = _job_model(args)
+    if model is None:
         return EXIT_USAGE
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.mpp is not None:
-        print(f"pyfastscan {job}: --mpp is deprecated: use --scan-mpp (the resolution to scan at) and --slide-mpp "
-              "(level 0's, for slides without one)", file=sys.stderr)
     command = " ".join(shlex.quote(a) for a in sys.argv)
     try:
         folders = slide_folders(args.out, args.slides, args.per_slide_folder)
@@ -473,7 +485,7 @@ def _run(args) -> int:
     if args.command == "cohort":
         from .cohort.cli import main as cohort
 
-        return cohort(args, _load_cli_model, _common)
+        return cohort(args, _job_model, _common)
     if args.command == "mitosis":
         if args.theta1 > args.theta2:
             print(f"pyfastscan mitosis: error: --theta1 ({args.theta1:g}) must not exceed --theta2 "

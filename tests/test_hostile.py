@@ -641,6 +641,12 @@ def test_cli_scan_mpp_slide_mpp_and_the_deprecated_mpp(tmp_path, capsys, weights
     status, _, err = _scan(capsys, [bare], tmp_path / "o3", weights, "--mpp", "0.25")
     assert status == 0 and "--mpp is deprecated: use --scan-mpp" in err
     assert json.load(open(tmp_path / "o3" / "report.json"))["slide_mpp"] == 0.25
+    # the cohort takes the scan's options, and says the same of --mpp
+    status = main(["cohort", str(bare), "--weights", weights, "--arch", "tellez_cnn", "--out", str(tmp_path / "c"),
+                   "--quiet", "--mpp", "0.25"])
+    err = capsys.readouterr().err
+    assert status == 0 and "pyfastscan cohort: --mpp is deprecated: use --scan-mpp" in err, err
+    assert json.load(open(tmp_path / "c" / "bare" / "report.json"))["slide_mpp"] == 0.25
 
 
 def test_froc_takes_the_resolution_from_report_json(tmp_path, capsys):

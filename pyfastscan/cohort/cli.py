@@ -53,10 +53,10 @@ def read_list(path: str) -> list:
 
 
 def main(args, load_model, common) -> int:
-    """Run the cohort; the exit status: 0 every slide done, 1 some failed, 2 usage error, 3
-    some failed with an internal error (traceback in the slide folder's log)."""
-    import torch
-
+    """Run the cohort (``load_model(args)``: the model, threads set, or None after saying
+    why not; ``common(args)``: the scan options); the exit status: 0 every slide done, 1
+    some failed, 2 usage error, 3 some failed with an internal error (traceback in the
+    slide folder's log)."""
     from ..errors import PyfastscanError, one_line
     from .job import scan_cohort
 
@@ -68,13 +68,9 @@ def main(args, load_model, common) -> int:
     if not slides:
         print("pyfastscan cohort: error: no slides: give SLIDE paths or --list slides.txt", file=sys.stderr)
         return 2
-    try:
-        model = load_model(args)
-    except (PyfastscanError, OSError, ValueError) as exc:
-        print(f"pyfastscan cohort: cannot load weights {args.weights}: {one_line(exc)}", file=sys.stderr)
+    model = load_model(args)  # None: it said why
+    if model is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     options = common(args)
     progress = options.pop("progress")
     ray = args.engine == "ray"
