@@ -21,6 +21,7 @@ from torch import nn
 from .dense import to_dense
 from .errors import InvalidArgumentError
 from .pipeline.readers import cpu_cores as cores
+from .pipeline.readers import pixels_to_input
 
 
 def cpu_name() -> str:
@@ -95,9 +96,7 @@ def read_ceiling(slide, roi_side: int = 1024, n: int = 8, readers: Optional[int]
         def work():
             for x, y in spots:
                 rgb = s.read(x, y, side, side)
-                t = torch.empty((1, 3, side, side))
-                t[0].copy_(torch.from_numpy(rgb).permute(2, 0, 1))
-                t.div_(255)
+                pixels_to_input(rgb, torch.empty((1, 3, side, side)))
 
         best = min(time_call(work, repeats=2))
     finally:

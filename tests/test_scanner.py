@@ -105,14 +105,18 @@ def test_pipeline_keeps_inference_mode_inside_and_stops_early(cpu_mode):
         reads.append(roi)
         return np.full((8, 8, 3), roi, np.uint8)
 
-    pipe = RoiPipeline(read, range(40), lambda x: x[0, 0] * 2, device="cpu", in_dtype=torch.float32, readers=2)
+    def run(x):
+        assert torch.is_inference_mode_enabled()  # the model runs in inference mode
+        return x[0, 0] * 2
+
+    pipe = RoiPipeline(read, range(40), run, device="cpu", in_dtype=torch.float32, readers=2)
     it = iter(pipe)
     roi, block = next(it)
     assert roi == 0 and not torch.is_inference_mode_enabled()  # the caller's mode is its own
     assert np.allclose(block, 0)
     roi, block = next(it)
     assert roi == 1 and np.allclose(block, 2 / 255)
-    it.close()  # the consumer stops: queued reads are cancelled, not all 40 read
+    it.close()  # the consumer stops: queued reads are cancelled (overlapped), no phase after this one (phases)
     assert len(reads) < 40
     assert pipe.ring.allocated <= pipe.max_depth + 1  # buffers bounded by the read-ahead
     assert pipe.phased == (cpu_mode == "phases")
@@ -150,4 +154,26 @@ def test_in_phases_no_read_runs_beside_the_model_and_the_blocks_are_the_same(cpu
         assert np.array_equal(block, (x[1] * 3 + x[2]).numpy())
     if cpu_mode == "phases":
         assert max(beside) == 0  # no reader ran while the model did
-        assert pipe.phase == 4 * pipe.max_depth  # uint8 ROIs in the bytes of max_depth float32 inputs
+
+
+def test_a_failing_read_and_odd_arrays(cpu_mode):
+    from pyfastscan.pipeline.readers import RoiPipeline
+
+    img = np.arange(6 * 5 * 3, dtype=np.uint8).reshape(6, 5, 3)
+    frozen = img.copy()
+    frozen.flags.writeable = False
+
+    def read(k):
+        if k == 7:
+            raise OSError("tile 7 is corrupt")
+        return (img, frozen, img[::-1], img[:, ::-1])[k % 4]  # plain, read-only, negative strides
+
+    expect = [img, frozen, img[::-1], img[:, ::-1]]
+    pipe = RoiPipeline(read, range(12), lambda x: x[0].sum(0), device="cpu", in_dtype=torch.float32, readers=2)
+    got = []
+    with pytest.raises(OSError, match="tile 7"):
+        for k, block in pipe:
+            got.append(k)
+            ref = torch.from_numpy(expect[k % 4].copy()).permute(2, 0, 1).float().div_(255).sum(0)
+            assert np.array_equal(block, ref.numpy())
+    assert got == list(range(7))  # every ROI before the failing one, in order, then its error

@@ -290,6 +290,18 @@ def _batch(n=5, side=20, seed=0):
     return torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("preset, side, patch", [("none", 20, 14), ("fastscannet", 50, 38),
+                                                  ("tellez_rcsehbg", 128, 100)])
+def test_an_empty_batch_and_the_callers_tensor(preset, side, patch):
+    aug = Augment(preset, patch=patch)
+    for dtype in (torch.uint8, torch.float32):
+        assert aug(torch.zeros((0, 3, side, side), dtype=dtype)).shape == (0, 3, patch, patch)
+    x = _batch(n=3, side=side).float() / 255
+    before = x.clone()
+    aug(x, torch.Generator().manual_seed(0))  # the steps work in place, on a tensor of their own
+    assert torch.equal(x, before)
+
+
 def test_the_hed_step_is_hed_augment():
     x = _batch()
     aug = Augment(AugmentConfig(hed_alpha=(0.95, 1.05), hed_beta=(-0.05, 0.05)), patch=20)

@@ -24,8 +24,9 @@ constexpr int kHedTable = 256;  // entries per table; tables laid out [i][j][v]
 
 PFS_HD uint8_t hed_u8_channel(const float* t, int j, uint8_t r, uint8_t g, uint8_t b) {
   const float y = (t[(0 * 3 + j) * kHedTable + r] * t[(1 * 3 + j) * kHedTable + g]) * t[(2 * 3 + j) * kHedTable + b];
-  // min / max, not comparisons: branchless (a branch on whether a pixel saturates is
-  // mispredicted on real images: 2.1x the time). Tables are finite and positive: no NaN.
+  // Written so that it compiles to maxss / minss, branchless (the nested comparison it
+  // replaces compiled to branches on whether a pixel saturates, mispredicted on real
+  // images: 2.3x the time). Tables are finite and positive: no NaN.
   const float lo = y > 0.f ? y : 0.f;
   const float c = lo < 255.f ? lo : 255.f;
   using std::rint;

@@ -104,8 +104,9 @@ def check_map_fits(name: str, n_rows: int, n_cols: int, scan_mpp: float) -> None
 def choose_roi_outputs(dense: DenseModel, budget: int, readers: int = 2, limit: int = 256) -> int:
     """L_m': the largest number of map cells per ROI side (at most ``limit``) whose forward
     pass and ``max_read_ahead(readers)`` + 1 ROI buffers, each counted in the model's input
-    dtype (float32 or float64), fit in ``budget`` bytes (the buffers read ahead hold uint8
-    pixels, a quarter of that or less: the count is an upper bound). The
+    dtype (float32 or float64), fit in ``budget`` bytes (overlapped, the readers fill that
+    many input buffers; in phases, that many buffers' bytes of uint8 pixels and one input
+    buffer per ROI shape). The
     forward pass is counted as twice :meth:`DenseModel.activation_bytes`: the backends'
     layout reorders and workspaces come on top of the tensors PyTorch holds (oneDNN on
     this project's CPU peaked at 1.3-1.9x them, measured with VmHWM)."""

@@ -1,13 +1,14 @@
-"""The engine's input pipeline: ROIs decoded by reader threads into reusable buffers,
-copied to the device and computed with reading, copying and computing overlapped.
+"""The engine's input pipeline: ROIs decoded by reader threads, copied to the device and
+computed, reading and computing overlapped on CUDA and taking turns on a CPU whose cores
+the model's threads fill.
 
     for roi, block in RoiPipeline(read, todo, run, device="cuda", readers=4):
         ...                     # blocks in the order of ``todo``
 
 - ``readers`` threads decode ROIs (OpenSlide and tifffile release the GIL while they
-  decode). Each ROI lands in a buffer from a ring of reusable buffers (one set per ROI
-  shape; page-locked when the model is on CUDA), so memory stays flat however long the
-  slide.
+  decode). The model's inputs (on CUDA, the ROIs' pinned uint8 pixels) come from a ring
+  of reusable buffers (one set per ROI shape), and at most a bounded number of ROIs are
+  read ahead, so memory stays flat however long the slide.
 - Reader threads touch only numpy, never PyTorch ops (a PyTorch op in a thread of its
   own starts another OpenMP team whose threads spin on the model's cores: with that, the
   scan of bench_scan's slide took 1.2-1.3x the model alone even with every read cached,
@@ -25,9 +26,10 @@ copied to the device and computed with reading, copying and computing overlapped
 - The model's output stays on the device and comes back asynchronously: the block of ROI
   k is waited for only after ROI k + 1 has been launched, so there is no synchronisation
   between launching one ROI and the next.
-- The read-ahead depth adapts: it starts at ``readers + 1`` and grows (up to
-  ``max_depth``) each time the model had to wait for a read while reads were still
-  queued, so the model never waits when the readers can keep up.
+- Overlapped (CUDA, or a CPU model on fewer threads than cores), the read-ahead depth
+  adapts: it starts at ``readers + 1`` and grows (up to ``max_depth``) each time the model
+  had to wait for a read while reads were still queued, so the model never waits when
+  the readers can keep up.
 """
 import itertools
 import os
@@ -78,6 +80,18 @@ def to_model_input(rgb: np.ndarray, out: np.ndarray) -> np.ndarray:
     return np.divide(rgb.transpose(2, 0, 1), 255, out=out, dtype=out.dtype)
 
 
+def pixels_to_input(rgb, out: torch.Tensor) -> torch.Tensor:
+    """(h, w, 3) uint8 pixels (numpy, or a tensor on ``out``'s device) -> ``out``, (1, 3, h,
+    w) contiguous in its dtype: the pixels / 255 (``div_(255)``), in the calling thread's
+    PyTorch threads."""
+    if isinstance(rgb, np.ndarray):
+        if not rgb.flags.writeable or any(st < 0 for st in rgb.strides):
+            rgb = np.array(rgb)  # torch.from_numpy takes neither
+        rgb = torch.from_numpy(rgb)
+    out[0].copy_(rgb.permute(2, 0, 1))
+    return out.div_(255)
+
+
 def max_read_ahead(readers: int) -> int:
     """The most ROIs read ahead at once (the memory budget counts this many buffers)."""
     return 2 * readers + 1
@@ -113,13 +127,16 @@ class RoiPipeline:
         read: ``read(roi) -> np.ndarray`` (h, w, 3) uint8, called in reader threads.
         todo: the ROIs.
         run: ``run(x) -> tensor`` on the device: the model plus the selection of the
-            positive-class map, (h', w'); ``x`` is (1, 3, h, w) in ``in_dtype`` in [0, 1].
+            positive-class map, (h', w'); ``x`` is (1, 3, h, w) in ``in_dtype`` in [0, 1],
+            a reused buffer: the result must be a tensor of its own, not a view of ``x``.
         device: where ``run`` computes.
         in_dtype: the model's input dtype.
         readers: reader threads.
-        max_depth: most ROIs read ahead (default :func:`max_read_ahead`).
+        max_depth: most ROIs read ahead (default :func:`max_read_ahead`); in phases,
+            ``phase`` uint8 ROIs take their bytes.
         timings: a dict whose "read_wait" and "infer" entries are increased (seconds the
-            consumer waited for reads; seconds spent launching and finishing the model).
+            consumer waited for reads; seconds spent converting the pixels, where the
+            model's threads do it, and launching and finishing the model).
     """
 
     def __init__(self, read: Callable, todo: Iterable, run: Callable, *, device, in_dtype: torch.dtype,
@@ -210,20 +227,20 @@ class RoiPipeline:
                 t = time.perf_counter()
                 futures = deque(pool.submit(self.read, roi) for roi in batch)
                 for f in futures:  # every read of the phase done before the model starts
-                    f.exception()
+                    if f.exception() is not None:
+                        break  # raised below, after the ROIs read before it
                 timings["read_wait"] += time.perf_counter() - t
                 for roi in batch:
                     rgb = futures.popleft().result()
                     t = time.perf_counter()
                     with torch.inference_mode():  # only around the model: never across a yield
-                        x = self.ring.take((1, 3) + rgb.shape[:2])
-                        x[0].copy_(torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1))
-                        block = self.run(x.div_(255)).float().numpy()
+                        x = pixels_to_input(rgb, self.ring.take((1, 3) + rgb.shape[:2]))
+                        block = self.run(x).float().numpy()
                     del rgb
                     timings["infer"] += time.perf_counter() - t
                     self.ring.give(x)
                     yield roi, block
-        finally:  # a failing ROI or a consumer that stops early: queued reads are dropped
+        finally:  # a failing read: the phase's other reads are dropped
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _cuda_loop(self, pending, fill):
@@ -259,7 +276,8 @@ class RoiPipeline:
                     dev = buf.to(self.device, non_blocking=True)
                 compute.wait_stream(copy_stream)
                 dev.record_stream(compute)
-                x = dev.permute(2, 0, 1)[None].to(self.in_dtype).div_(255)
+                x = pixels_to_input(dev, torch.empty((1, 3) + tuple(dev.shape[:2]), dtype=self.in_dtype,
+                                                    device=self.device))
                 out = self.run(x).float()
                 host = host_out.take(tuple(out.shape))
                 host.copy_(out, non_blocking=True)
@@ -273,4 +291,5 @@ class RoiPipeline:
             yield finish_one()
 
 
-__all__ = ["RoiPipeline", "BufferRing", "default_readers", "max_read_ahead", "to_model_input"]
+__all__ = ["RoiPipeline", "BufferRing", "cpu_cores", "default_readers", "max_read_ahead", "pixels_to_input",
+           "to_model_input"]

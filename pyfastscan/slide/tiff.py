@@ -25,8 +25,8 @@ SEGMENT_CACHE_BYTES = 96 << 20  # decoded tiles kept per open TIFF (a 256 px RGB
 
 class SegmentCache:
     """Decoded segments by key, the least recently used dropped beyond ``capacity`` bytes.
-    Thread-safe; a segment one thread is decoding is waited for by the others, so each is
-    decoded once while it stays cached. Cached arrays are read-only (they are shared)."""
+    Thread-safe; a segment one thread is decoding is waited for by the others (or, with
+    ``wait=False``, left for later), so each is decoded once while it stays cached. Cached arrays are read-only (they are shared)."""
 
     def __init__(self, capacity: int = SEGMENT_CACHE_BYTES):
         self.capacity = capacity

@@ -235,6 +235,8 @@ class Augment:
                 x = torch.where(p.flip.to(x.device)[:, None, None, None], x.flip(3), x)
             return x
         dev, dt = x.device, x.dtype
+        if n == 0:  # affine_grid refuses an empty batch
+            return x.new_empty((0, 3, P, P))
         # in the turned and mirrored context: the mirror (x -> -x) first, then torch.rot90 by
         # k ((x, y) reads (-y, x), k times), as one signed permutation M per image. Output
         # pixel q (px from the patch centre) samples context pixel M (q / zoom + shift + d(q))
@@ -262,7 +264,7 @@ class Augment:
         shape, n = x.shape, x.shape[0]
         # as (n, 3, H W): per-image factors broadcast over long contiguous rows (over (n, 3,
         # H, W) the inner loops are W long: ~3x the time)
-        x = x.reshape(n, 3, -1)
+        x = x.reshape(n, 3, shape[2] * shape[3])
         w = torch.tensor([0.299, 0.587, 0.114], device=dev, dtype=dt)
 
         def factor(v):
@@ -298,9 +300,10 @@ class Augment:
         """Augment ``x`` (uint8 (N, 3, S, S) in [0, 255] or float in [0, 1]) with ``p``:
         float32 (N, 3, P, P) in [0, 1] on ``x``'s device."""
         P = self._patch(x)
+        given = x
         x = self.hed(x, p)
         # a tensor of its own: the later steps may work in place
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=x is given)
         x = self.geometry(x, p, P)
         x = self.colour(x, p)
         x = self.blur(x, p)
