@@ -61,6 +61,7 @@ class Slide:
     path: Optional[str] = None  # the file, when opened from one (read_level reads its TIFF pages)
     _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
     _same_pixels: dict = field(default_factory=dict, repr=False, compare=False)  # level -> tile reader or None
+    _routes: dict = field(default_factory=dict, repr=False, compare=False)  # level -> how read_level reads it
 
     @property
     def dimensions(self) -> Tuple[int, int]:
@@ -145,13 +146,10 @@ class Slide:
         origins, so each pixel still has one value, OpenSlide's. A level OpenSlide reads as
         stored comes from the TIFF's tiles when they are OpenSlide's pixels, which is
         several times faster (:meth:`_same_pixels_reader`)."""
-        ds = float(self.handle.level_downsamples[level])
-        stored = self._stored(level)
-        exact = self._same_pixels_reader(level) if stored else self._exact_level_reader(level)
+        ds, stored, exact, index = self._route(level)
         if exact is None and stored:
             return self.read(int(lx * ds), int(ly * ds), w, h, level)
         if exact is not None:
-            index = exact_level_index(exact, self.handle, level)
             with self._reading(lx, ly, w, h, level, " (level pixels)"):
                 fast = getattr(exact, "read_level_rgb", None)  # a caller's reader may have read_level only
                 rgb = None if fast is None else fast(index, lx, ly, w, h)
@@ -168,6 +166,20 @@ class Slide:
                 x0, x1 = max(lx, bx * B), min(lx + w, (bx + 1) * B)
                 out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = block[y0 - by * B:y1 - by * B, x0 - bx * B:x1 - bx * B]
         return out
+
+    def _route(self, level: int):
+        """(downsample, read as stored?, tile reader or None, its index of ``level``), found
+        once per level: OpenSlide gives a level's size and downsample through ctypes calls,
+        which the reader threads would otherwise make on every read, each giving up and
+        retaking the GIL (two readers of cached tiles ran slower than one)."""
+        route = self._routes.get(level)
+        if route is None:
+            ds = float(self.handle.level_downsamples[level])
+            stored = self._stored(level)
+            exact = self._same_pixels_reader(level) if stored else self._exact_level_reader(level)
+            index = None if exact is None else exact_level_index(exact, self.handle, level)
+            route = self._routes[level] = (ds, stored, exact, index)
+        return route
 
     def _exact_level_reader(self, level: int):
         """A tifffile reader of this slide's file whose pages hold ``level`` as stored, or
