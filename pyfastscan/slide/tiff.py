@@ -103,7 +103,14 @@ class TiffFileSlide:
         except BaseException:
             self._tif.close()
             raise
-        self._lock = threading.Lock()
+        # One lock for every seek-and-read on the file, tifffile's own (its delay-loaded tag
+        # values seek under it), and each level's decoder built now: tifffile builds it on
+        # first use, reading tags from the file, and a reader thread seeking beside that read
+        # got another segment's bytes (1 in 300 four-thread first reads, "Not a JPEG file").
+        self._tif.filehandle.set_lock(True)
+        self._lock = self._tif.filehandle.lock
+        for p in self._pages:
+            p.init_decode() if hasattr(p, "init_decode") else p.decode
         self._cache = SegmentCache()
 
     def _properties(self) -> Dict[str, str]:
