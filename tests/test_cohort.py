@@ -334,3 +334,28 @@ def test_bad_cohort_options_are_usage_errors(tmp_path, weights, capsys):
     lst.write_text("# the cohort\ns.tif\n\n")
     assert main(["cohort", "--list", str(lst), "--weights", weights, "--out", str(tmp_path / "o"), *ARGS]) == 0
     assert _rows(str(tmp_path / "o"))[slide]["status"] == "done"
+
+
+def test_the_event_log_is_appended_to_and_a_torn_last_line_is_dropped(tmp_path):
+    """Each event is one appended line (the file is never rewritten per event: a large
+    cohort's log would be written again with every event); an earlier run's log is kept,
+    and a last line a crash tore mid-write is dropped once, so every line parses."""
+    from pyfastscan.cohort.run import Ledger
+
+    out = str(tmp_path)
+    path = os.path.join(out, "cohort.jsonl")
+    earlier = [json.dumps({"time": 1.0, "event": "run"}), json.dumps({"time": 2.0, "event": "start", "slide": "a"})]
+    with open(path, "w") as f:
+        f.write("\n".join(earlier) + '\n{"time": 3.0, "event": "fin')  # the driver killed mid-write
+    ledger = Ledger(out, [], retries=0, progress=False)
+    assert open(path).read() == "".join(e + "\n" for e in earlier)
+    inode = os.stat(path).st_ino
+    for k in range(5):
+        ledger.event("run", note=k)
+        assert os.stat(path).st_ino == inode  # appended in place, not replaced
+    events = _events(out)
+    assert [e["event"] for e in events] == ["run", "start"] + ["run"] * 5
+    assert [e.get("note") for e in events[2:]] == list(range(5))
+    size = os.path.getsize(path)
+    Ledger(out, [], retries=0, progress=False)  # a whole log is left as it is
+    assert os.path.getsize(path) == size and os.stat(path).st_ino == inode

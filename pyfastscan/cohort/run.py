@@ -164,6 +164,14 @@ def process_slide(path: str, folder: str, model, key: dict, *, resume: bool, ove
                 seconds=time.perf_counter() - t0)
 
 
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
 class Ledger:
     """The cohort's records, out/cohort.csv, out/cohort.jsonl (kept from earlier runs and
     added to) and the progress line (slides done, failed, ETA)."""
@@ -173,19 +181,33 @@ class Ledger:
 
         self.out, self.records, self.retries = out, records, retries
         self.events_path = os.path.join(out, COHORT_EVENTS)
-        try:
-            with open(self.events_path, encoding="utf-8") as f:
-                self.lines = [ln for ln in f.read().splitlines() if ln.strip()]
-        except OSError:
-            self.lines = []
+        self._mend_events()
         todo = sum(r.status == "pending" for r in records)
         self.bar = Progress(todo, "cohort", progress, unit="slides")
         self.settled = 0
 
+    def _mend_events(self) -> None:
+        """An earlier run's log is kept and added to; a last line a crash tore mid-write (not
+        JSON) is dropped, once, the file rewritten whole (atomically), so that every line
+        of the log parses."""
+        try:
+            with open(self.events_path, "rb") as f:
+                text = f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        keep = lines[:-1] + [ln for ln in lines[-1:] if _is_json(ln)]
+        if keep != lines or (text and not text.endswith("\n")):
+            write_text(self.events_path, "".join(ln + "\n" for ln in keep))
+
     def event(self, kind: str, rec: Optional[SlideRecord] = None, **fields) -> None:
+        """Append one JSON line and flush it to disk: a 10,000-slide cohort writes each event
+        once, not the whole log again (which grows with the square of the events)."""
         entry = dict(time=round(time.time(), 3), event=kind, **({"slide": rec.slide} if rec else {}), **fields)
-        self.lines.append(json.dumps(entry))
-        write_text(self.events_path, "\n".join(self.lines) + "\n")
+        with open(self.events_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def write_csv(self) -> None:
         buf = io.StringIO()
