@@ -65,6 +65,8 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DPYFASTSCAN_CUDA={'ON' if cuda else 'OFF'}",
+            # -march of _C: this CPU unless the build is for other machines (CMakeLists.txt)
+            f"-DPYFASTSCAN_MARCH={os.environ.get('PYFASTSCAN_MARCH') or 'native'}",
         ]
         env = dict(os.environ)
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))

@@ -26,6 +26,13 @@
 namespace py = pybind11;
 using namespace pyfastscan;
 
+#ifndef PYFASTSCAN_ISA
+#define PYFASTSCAN_ISA "march=? isa="
+#endif
+// The instruction sets this build may use, readable in the file without loading it:
+// pyfastscan/_native.py refuses to import _C on a CPU that lacks one (CMakeLists.txt).
+extern "C" __attribute__((used)) const char pyfastscan_isa_marker[] = "PYFASTSCAN-ISA[" PYFASTSCAN_ISA "]";
+
 namespace {
 
 using Axis = std::tuple<int64_t, int64_t, int64_t, int64_t>;  // kernel, dilation, s_a, d_a
@@ -181,6 +188,7 @@ py::dict build_info() {
   d["compiler"] = "unknown";
 #endif
   d["cxx_standard"] = static_cast<long>(__cplusplus);
+  d["target"] = std::string(PYFASTSCAN_ISA);
 #ifdef _OPENMP
   d["openmp"] = static_cast<long>(_OPENMP);
   d["omp_max_threads"] = omp_get_max_threads();

@@ -1,12 +1,49 @@
-"""Loads the native modules once and remembers why one did not load."""
+"""Loads the native modules once and remembers why one did not load (or must not: built
+for instructions this CPU lacks)."""
 import importlib
+import importlib.util
+import re
+from typing import Optional
 
 _modules = {}
 _errors = {}
 _device_errors = {}  # id(module) -> (module, error or None)
 
 
+_ISA_MARKER = re.compile(rb"PYFASTSCAN-ISA\[march=([^ \]]*) isa=([^\]]*)\]")
+
+
+def isa_mismatch(module_file: str, flags: frozenset) -> Optional[str]:
+    """Why the native module ``module_file`` must not be loaded on a CPU with ``flags``, or
+    None: the build's marker (the -march it was built with and the instruction sets the
+    compiler could use, csrc/bindings.cpp) names one this CPU lacks. None too when either
+    side is unknown (no marker, no /proc/cpuinfo)."""
+    try:
+        with open(module_file, "rb") as f:
+            m = _ISA_MARKER.search(f.read())
+    except OSError:
+        return None
+    if m is None or not flags:
+        return None
+    march, need = m.group(1).decode(), m.group(2).decode().split()
+    missing = [f for f in need if f not in flags]
+    if not missing:
+        return None
+    return (f"pyfastscan._C was built with -march={march}, for instructions this CPU lacks: {', '.join(missing)} "
+            "(running it would stop the process with an illegal instruction): reinstall "
+            "pyfastscan on this machine, or build it for every machine that shares it with "
+            "PYFASTSCAN_MARCH=x86-64-v3 (or their common baseline)")
+
+
 def _load(name):
+    if name == "_C" and name not in _modules and name not in _errors:
+        spec = importlib.util.find_spec("pyfastscan._C")
+        if spec is not None and spec.origin:
+            from .precision import cpu_flags
+
+            why = isa_mismatch(spec.origin, cpu_flags())
+            if why:
+                _errors[name] = why
     if name not in _modules and name not in _errors:
         try:
             _modules[name] = importlib.import_module(f"pyfastscan.{name}")

@@ -73,7 +73,10 @@ def cpu_reason(device: torch.device) -> Optional[str]:
     if device.type != "cpu":
         return f"tensor on {device.type}, the C++ kernels take CPU tensors"
     if _native.cpu() is None:
-        return f"pyfastscan._C did not load ({_native.cpu_error()}); reinstall with a C++17 compiler"
+        err = _native.cpu_error()
+        if err.startswith("pyfastscan._C was built"):  # for instructions this CPU lacks: says what to do
+            return err
+        return f"pyfastscan._C did not load ({err}); reinstall with a C++17 compiler"
     return None
 
 

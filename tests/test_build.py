@@ -161,3 +161,44 @@ def test_every_package_folder_is_declared_to_setuptools():
                if p.is_dir() and p.name != "__pycache__" and any(f.is_file() for f in p.iterdir())}
     assert folders <= declared, f"not in [tool.setuptools] packages: {sorted(folders - declared)}"
     assert all(not pattern.count("/") for patterns in conf["package-data"].values() for pattern in patterns)
+
+
+def test_a_build_for_instructions_this_cpu_lacks_is_refused_not_run(monkeypatch):
+    """_C carries the -march it was built with and the instruction sets the compiler could
+    use (PYFASTSCAN_MARCH; native by default). On a CPU lacking one (a venv shared by a
+    cluster's older nodes, a wheel built on a newer machine) it is not imported, which would
+    stop the process with SIGILL inside a kernel: the ops fall back to PyTorch and the
+    reason names the missing instructions and the fix."""
+    from pyfastscan import precision
+    from pyfastscan.ops import hed_augment
+
+    origin = _native.cpu().__file__
+    target = _native.cpu().build_info()["target"]
+    march, isa = target.split(" ", 1)
+    need = isa.removeprefix("isa=").split()
+    assert march.startswith("march=") and (need or sys.platform != "linux")
+    flags = precision.cpu_flags()
+    if flags:
+        assert set(need) <= flags  # it loaded here, so this CPU has them all
+        assert _native.isa_mismatch(origin, flags) is None
+    older = frozenset({"sse4_2"})
+    why = _native.isa_mismatch(origin, older)
+    missing = [f for f in need if f not in older]
+    if missing:
+        assert why is not None and ", ".join(missing) in why and "PYFASTSCAN_MARCH" in why
+    assert _native.isa_mismatch(origin, frozenset()) is None  # no /proc/cpuinfo: nothing known, nothing refused
+    if not missing:
+        pytest.skip(f"this build ({target}) needs nothing beyond sse4_2")
+    # the loader on such a CPU: _C refused, the auto backend PyTorch, the reason given
+    monkeypatch.setattr(precision, "cpu_flags", lambda: older)
+    monkeypatch.setattr(_native, "_modules", {k: v for k, v in _native._modules.items() if k != "_C"})
+    monkeypatch.setattr(_native, "_errors", {})
+    assert _native.cpu() is None and _native.cpu_error() == why
+    assert backends.cpu_reason(torch.device("cpu")) == why
+    x = torch.rand(1, 3, 8, 8)
+    a, b = torch.full((1, 3), 1.03), torch.full((1, 3), -0.02)
+    out = hed_augment(x, a, b)
+    assert backends.last_backend("hed_augment") == "torch"
+    monkeypatch.undo()  # on this CPU, _C again (tests/test_stain.py: its kernel equals the reference)
+    hed_augment(x, a, b)
+    assert _native.cpu() is not None and backends.last_backend("hed_augment") == "cpu"
