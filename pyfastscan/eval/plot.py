@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..io.images import font, text_size, write_png
+from ..io.images import draw_x_labels, font, text_size, write_png
 
 
 def tick_label(v: float) -> str:
@@ -89,16 +89,11 @@ def write_curve_png(path: str, xs: Sequence[float], ys: Sequence[float], xlabel:
         s = f"{y:.1f}"
         tw, th = text_size(d, s, small)
         d.text((left - 8 - tw, yy - th / 2 - 2), s, fill="black", font=small)
-    last_right = -1e9
     for m in marks:
         x, _ = px(m, 0)
         d.line([(x, top), (x, h - bottom)], fill=(220, 220, 220))
         d.line([(x, h - bottom), (x, h - bottom + 5)], fill="black")
-        s = tick_label(m)
-        tw, _ = text_size(d, s, small)
-        if x - tw / 2 > last_right + 6:  # leave out a label that would touch the previous one
-            d.text((x - tw / 2, h - bottom + 8), s, fill="black", font=small)
-            last_right = x + tw / 2
+    draw_x_labels(d, [(px(m, 0)[0], tick_label(m)) for m in marks], h - bottom + 8, small)
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     order = np.lexsort((ys, xs))  # along x, and up at equal x
     line = [(float(x), float(y)) for x, y in zip(xs[order], ys[order])]

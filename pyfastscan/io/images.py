@@ -4,7 +4,7 @@
                        OpenSlide looks), the resolution of each level in its tags
     write_png          an RGB or RGBA uint8 array as PNG
     colour_map         probability -> RGB (blue, cyan, yellow, red)
-    font, draw_colour_bar, draw_scale_bar, nice_length: the legend parts of a figure
+    font, draw_colour_bar, draw_scale_bar, draw_x_labels, nice_length: the parts of a figure
 
 Nothing here knows about scans or slides: the jobs (pipeline/outputs.py, mitosis/outputs.py,
 eval/plot.py) compose these.
@@ -88,6 +88,17 @@ def font(size: int = 12):
 def text_size(draw, text: str, fnt) -> Tuple[int, int]:
     x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=fnt)
     return x1 - x0, y1 - y0
+
+
+def draw_x_labels(draw, labels: Sequence[Tuple[float, str]], y: float, fnt, gap: float = 6) -> None:
+    """Labels (x, text) centred on their x along a horizontal axis, top at ``y``, left to
+    right; one that would come within ``gap`` px of the previous one drawn is left out."""
+    last_right = -1e9
+    for x, s in labels:
+        tw = text_size(draw, s, fnt)[0]
+        if x - tw / 2 > last_right + gap:
+            draw.text((x - tw / 2, y), s, fill="black", font=fnt)
+            last_right = x + tw / 2
 
 
 def draw_colour_bar(draw, box: Tuple[int, int, int, int], ticks: Sequence[float], label: str,

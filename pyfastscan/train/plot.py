@@ -3,7 +3,7 @@ AUC on the right one (0 to 1), one point per epoch."""
 import math
 from typing import Dict, Sequence
 
-from ..io.images import font, text_size, write_png
+from ..io.images import draw_x_labels, font, text_size, write_png
 
 SERIES = (("train_loss", (200, 30, 30), "left"), ("val_loss", (230, 140, 40), "left"),
           ("val_f1", (30, 90, 200), "right"), ("val_auc", (40, 160, 80), "right"))
@@ -42,13 +42,7 @@ def write_learning_curve(path: str, history: Sequence[Dict[str, float]], size=(7
         s = f"{lmax * k / 5:g}"
         d.text((left - 8 - text_size(d, s, fnt)[0], y - 7), s, fill="black", font=fnt)
         d.text((w - right + 8, y - 7), f"{k / 5:.1f}", fill="black", font=fnt)
-    last_right = -1e9
-    for e in epochs:  # a label that would touch the previous one is left out
-        x, s = px(e, 0, "right")[0], str(e)
-        tw = text_size(d, s, fnt)[0]
-        if x - tw / 2 > last_right + 6:
-            d.text((x - tw / 2, h - bottom + 6), s, fill="black", font=fnt)
-            last_right = x + tw / 2
+    draw_x_labels(d, [(px(e, 0, "right")[0], str(e)) for e in epochs], h - bottom + 6, fnt)
     for i, (key, colour, side) in enumerate(SERIES):
         pts = [px(r["epoch"], r[key], side) for r in history if isinstance(r.get(key), float) and math.isfinite(r[key])]
         if len(pts) > 1:
