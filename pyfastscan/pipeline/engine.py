@@ -263,6 +263,21 @@ def built_model_options(model: nn.Module, alpha: Optional[int], plan: Optional[s
         ("the DenseModel's own" if precision == "auto" else None)
 
 
+def scan_level(s, mpp: float, verb: str = "scan") -> Tuple[float, int, float]:
+    """(downsample from level 0, the level read, that level's downsample) for reading ``s``
+    at ``mpp`` um/px: the scan's and a training patch's alike, so both read the same pixels.
+    A resolution within 0.1% of a level's snaps to it, with the level's true downsample
+    (2.000337, ...): its own pixels, not a resampling."""
+    scan_ds = mpp / s.mpp
+    if scan_ds < 0.999:
+        raise InvalidArgumentError(f"{s.name}: cannot {verb} at {mpp} um/px, finer than level 0 ({s.mpp} um/px)")
+    level = s.best_level(scan_ds)
+    level_ds = float(s.handle.level_downsamples[level])
+    if abs(scan_ds / level_ds - 1) < 1e-3:
+        scan_ds = level_ds
+    return scan_ds, level, level_ds
+
+
 def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: Optional[int], mpp: Optional[float],
               device, precision: str, plan: Optional[str], tissue_mask, tissue_labels, roi_outputs, memory: Optional[int],
               readers: Optional[int], mode: str = "auto", patch: Optional[int] = None,
@@ -306,13 +321,9 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: Op
     if model_mpp is None and sc.card is not None:
         model_mpp = sc.card.mpp  # the resolution the weights file says the model was trained at
     scan_mpp = resolve_scan_mpp(s.name, s.mpp, scan_mpp, model_mpp)
-    scan_ds = scan_mpp / s.mpp
-    if scan_ds < 0.999:
-        raise InvalidArgumentError(f"{s.name}: cannot scan at {scan_mpp} um/px, finer than level 0 ({s.mpp} um/px)")
-    level = s.best_level(scan_ds)
-    level_ds = float(s.handle.level_downsamples[level])
-    if abs(scan_ds / level_ds - 1) < 1e-3:  # the level's own pixels: its true downsample (2.000337, ...)
-        scan_ds, scan_mpp = level_ds, s.mpp * level_ds
+    scan_ds, level, level_ds = scan_level(s, scan_mpp)
+    if scan_ds == level_ds:
+        scan_mpp = s.mpp * level_ds
     dense = sc.model.to(device)
     g = dense.geometry
     w0, h0 = s.dimensions

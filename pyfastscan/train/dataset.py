@@ -200,20 +200,6 @@ def write_manifest(path, specs: Sequence[SlideSpec]) -> str:
     return write_json(os.fspath(path), {"slides": [s.to_json() for s in specs]}, indent=2)
 
 
-def scan_level(s, mpp: float) -> Tuple[float, int, float]:
-    """(scan downsample from level 0, level read, that level's downsample) for reading
-    ``s`` at ``mpp`` um/px: the level and snapping the engine's ``open_scan`` uses, so a
-    training patch and a scan read the same pixels."""
-    scan_ds = mpp / s.mpp
-    if scan_ds < 0.999:
-        raise InvalidArgumentError(f"{s.name}: cannot read at {mpp} um/px, finer than level 0 ({s.mpp} um/px)")
-    level = s.best_level(scan_ds)
-    level_ds = float(s.handle.level_downsamples[level])
-    if abs(scan_ds / level_ds - 1) < 1e-3:
-        scan_ds = level_ds
-    return scan_ds, level, level_ds
-
-
 @dataclass
 class SlideLabels:
     """A slide's annotations on its label grid (``d`` level-0 px per cell, ``shape`` cells).
@@ -282,7 +268,9 @@ def tissue_candidates(s, tissue, mpp: float, d_um: float = 25.0, t: float = 0.6)
     from ..ops import candidates
     from ..pipeline.engine import read_scan_region
 
-    scan_ds, level, level_ds = scan_level(s, mpp)
+    from ..pipeline.engine import scan_level
+
+    scan_ds, level, level_ds = scan_level(s, mpp, "read")
     w0, h0 = s.dimensions
     T = CANDIDATE_TILE
     out = [np.zeros((0, 2))]
@@ -486,6 +474,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
     # ------------------------------------------------------------------ labels
     def _prepare(self) -> None:
+        from ..pipeline.engine import scan_level
         from ..slide import open_slide
 
         self.labels: List[SlideLabels] = []
@@ -493,7 +482,7 @@ class PatchDataset(torch.utils.data.Dataset):
         for spec in self.specs:
             s = open_slide(spec.slide, default_mpp=spec.slide_mpp)
             try:
-                scan_ds, level, level_ds = scan_level(s, self.mpp)
+                scan_ds, level, level_ds = scan_level(s, self.mpp, "read")
                 border = (self.context / 2 + 1) * scan_ds
                 self.labels.append(slide_labels(spec, s, grid_um=self.grid_um, margin_um=self.margin_um,
                                                 border_px=border, jitter_um=self.jitter_um, mpp=self.mpp))
