@@ -178,6 +178,9 @@ class ScanJob:
     precision_reason: str = "requested"
     readers: int = 2  # reader threads
     cells_tissue: int = 0  # map cells whose patch touches tissue (the others are 0 without being computed)
+    # each tissue ROI's cells_on_tissue, by (row, col), made once by open_scan: the scan's
+    # main thread only looks it up (it runs beside the readers, whose cores it takes)
+    on_tissue: Dict[Tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def stride_px(self) -> float:
@@ -193,6 +196,9 @@ class ScanJob:
     def cells_on_tissue(self, roi: Roi) -> np.ndarray:
         """(rows, cols) bool of a ROI's map cells whose patch touches tissue: the others are
         0 (no data), so the map does not depend on how the ROIs tile it."""
+        hit = self.on_tissue.get((roi.row, roi.col))
+        if hit is not None and hit.shape == (roi.rows, roi.cols):
+            return hit
         return cells_on_tissue(self.dense.geometry, self.tissue, self.scan_ds, roi)
 
     def run_info(self) -> dict:
@@ -348,11 +354,12 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: Op
         roi_outputs = least_work_roi_outputs(g, n_rows, n_cols, choose_roi_outputs(dense, budget, readers), tissue,
                                              scan_ds)
     rois, n_total = plan_rois(g, n_rows, n_cols, roi_outputs, tissue, scan_ds)
-    cells_tissue = sum(int(cells_on_tissue(g, tissue, scan_ds, r).sum()) for r in rois)
+    on_tissue = {(r.row, r.col): cells_on_tissue(g, tissue, scan_ds, r) for r in rois}
+    cells_tissue = sum(int(m.sum()) for m in on_tissue.values())
     timings["tissue"] = time.perf_counter() - t
     return ScanJob(s, dense, scan_mpp, scan_ds, n_rows, n_cols, roi_outputs, tissue, thumb, thumb_ds, rois, n_total,
                    level, timings, t0, sc.mode, sc.positive_class, sc.note, sc.card, precision,
-                   precision_reason, readers, cells_tissue)
+                   precision_reason, readers, cells_tissue, on_tissue)
 
 
 def cached_scanner(cache: Optional[dict], model: nn.Module, **kwargs):
@@ -400,7 +407,7 @@ def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, 
                        timings=job.timings)
     for done, (roi, block) in enumerate(pipe, start=1):
         check_finite(block, roi, s.name)
-        block[~job.cells_on_tissue(roi)] = 0  # no-data, whatever the ROI size (DESIGN.md 6.2)
+        np.copyto(block, 0, where=~job.cells_on_tissue(roi))  # no-data, whatever the ROI size (DESIGN.md 6.2)
         yield roi, block
         bar.update(done)
 
