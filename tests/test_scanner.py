@@ -177,3 +177,36 @@ def test_a_failing_read_and_odd_arrays(cpu_mode):
             ref = torch.from_numpy(expect[k % 4].copy()).permute(2, 0, 1).float().div_(255).sum(0)
             assert np.array_equal(block, ref.numpy())
     assert got == list(range(7))  # every ROI before the failing one, in order, then its error
+
+
+def test_reader_threads_are_kept_between_pipelines_and_never_shared_at_once(cpu_mode):
+    import threading
+    import time
+
+    from pyfastscan.pipeline.readers import RoiPipeline
+
+    running = [0]
+    lock = threading.Lock()
+
+    def pipeline(threads: set):
+        def read(k):
+            with lock:
+                running[0] += 1
+                threads.add(threading.get_native_id())  # (not reused as soon as a thread ends)
+            time.sleep(0.001)
+            with lock:
+                running[0] -= 1
+            return np.full((4, 4, 3), k, np.uint8)
+
+        return RoiPipeline(read, range(20), lambda x: x[0, 0], device="cpu", in_dtype=torch.float32, readers=2)
+
+    first, second, beside, held = set(), set(), set(), set()
+    assert [k for k, _ in pipeline(first)] == list(range(20))
+    assert [k for k, _ in pipeline(second)] == list(range(20))
+    assert second <= first  # the next scan's reads ran on the threads the first one started
+    a = iter(pipeline(held))
+    next(a)  # a holds the kept threads ...
+    assert [k for k, _ in pipeline(beside)] == list(range(20))
+    assert held <= first and beside and not beside & first  # ... so a scan beside it got threads of its own
+    a.close()  # a pipeline that stops early leaves no read of its own running
+    assert running[0] == 0

@@ -9,6 +9,8 @@ the model's threads fill.
   decode). The model's inputs (on CUDA, the ROIs' pinned uint8 pixels) come from a ring
   of reusable buffers (one set per ROI shape), and at most a bounded number of ROIs are
   read ahead, so memory stays flat however long the slide.
+- The reader threads are kept between pipelines (:func:`reader_pool`): the next slide of a
+  cohort or the next mining scan reuses them.
 - Reader threads touch only numpy, never PyTorch ops (a PyTorch op in a thread of its
   own starts another OpenMP team whose threads spin on the model's cores: with that, the
   scan of bench_scan's slide took 1.2-1.3x the model alone even with every read cached,
@@ -31,12 +33,13 @@ the model's threads fill.
   had to wait for a read while reads were still queued, so the model never waits when
   the readers can keep up.
 """
+import contextlib
 import itertools
 import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
@@ -72,6 +75,45 @@ def _yield_to_the_model() -> None:
                                                                        + CPU_READER_NICE))
     except (AttributeError, OSError):
         pass
+
+
+_IDLE_POOLS: Dict[tuple, list] = {}  # reader pools not in use, by (pid, threads, nice)
+_POOLS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def reader_pool(readers: int, nice: int = 0):
+    """A pool of ``readers`` reader threads (at ``nice`` below the model's threads) for
+    one pipeline's use, kept for the next one: a cohort's slides, a training run's mining
+    scans and a benchmark's runs reuse started threads instead of starting them per scan
+    (freshly started threads ran the reads measurably slower here). Each pipeline has
+    its pool to itself (two scans at once each get one); on the way out the reads not
+    started are cancelled and the running ones waited for, so no reader touches the slide
+    after the scan. Keyed by process id: a forked child (a DataLoader worker) starts its own."""
+    key = (os.getpid(), readers, nice)
+    with _POOLS_LOCK:
+        idle = _IDLE_POOLS.setdefault(key, [])
+        pool = idle.pop() if idle else None
+    if pool is None:
+        pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="pyfastscan-reader",
+                                  initializer=_yield_to_the_model if nice else None)
+    submitted = []
+
+    def submit(fn, *args):
+        fut = pool.submit(fn, *args)
+        submitted.append(fut)
+        if len(submitted) > 64:  # keep only the futures that may still run
+            submitted[:] = [f for f in submitted if not f.done()]
+        return fut
+
+    try:
+        yield submit
+    finally:
+        for f in submitted:
+            f.cancel()
+        wait(submitted)
+        with _POOLS_LOCK:
+            _IDLE_POOLS.setdefault(key, []).append(pool)
 
 
 def to_model_input(rgb: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -177,9 +219,8 @@ class RoiPipeline:
             yield from self._cpu_phases()
             return
         timings = self.timings
-        pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="pyfastscan-reader",
-                                  initializer=None if self.cuda or not CPU_READER_NICE else _yield_to_the_model)
-        try:
+        # a failing ROI or a consumer that stops early: queued reads are dropped, not waited for
+        with reader_pool(self.readers, 0 if self.cuda else CPU_READER_NICE) as submit:
             it = iter(self.todo)
             pending = deque()
 
@@ -188,7 +229,7 @@ class RoiPipeline:
                     roi = next(it, None)
                     if roi is None:
                         return
-                    pending.append((roi, pool.submit(self._load, roi)))
+                    pending.append((roi, submit(self._load, roi)))
 
             fill()
             if self.cuda:
@@ -209,23 +250,20 @@ class RoiPipeline:
                 timings["infer"] += time.perf_counter() - t
                 self.ring.give(buf)
                 yield roi, block
-        finally:  # a failing ROI or a consumer that stops early: queued reads are dropped, not waited for
-            pool.shutdown(wait=True, cancel_futures=True)
 
     def _cpu_phases(self):
         """CPU, the model's threads on every core: the readers decode ``phase`` ROIs, then
         the model computes them (its threads converting each to its input) with no reader
         running, and so on."""
         timings = self.timings
-        pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="pyfastscan-reader")
-        try:
+        with reader_pool(self.readers) as submit:  # a failing read: the phase's other reads are dropped
             it = iter(self.todo)
             while True:
                 batch = list(itertools.islice(it, self.phase))
                 if not batch:
                     return
                 t = time.perf_counter()
-                futures = deque(pool.submit(self.read, roi) for roi in batch)
+                futures = deque(submit(self.read, roi) for roi in batch)
                 for f in futures:  # every read of the phase done before the model starts
                     if f.exception() is not None:
                         break  # raised below, after the ROIs read before it
@@ -240,8 +278,6 @@ class RoiPipeline:
                     timings["infer"] += time.perf_counter() - t
                     self.ring.give(x)
                     yield roi, block
-        finally:  # a failing read: the phase's other reads are dropped
-            pool.shutdown(wait=True, cancel_futures=True)
 
     def _cuda_loop(self, pending, fill):
         """Copy on its own stream, compute on the current one, results one ROI behind."""
@@ -292,4 +328,4 @@ class RoiPipeline:
 
 
 __all__ = ["RoiPipeline", "BufferRing", "cpu_cores", "default_readers", "max_read_ahead", "pixels_to_input",
-           "to_model_input"]
+           "reader_pool", "to_model_input"]
