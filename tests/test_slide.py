@@ -1,5 +1,6 @@
 """Slide reading: the tifffile fallback for TIFFs OpenSlide refuses, and SubIFD pyramids
 (OME-TIFF) that OpenSlide does not see (DESIGN.md 2.4)."""
+import os
 import threading
 
 import numpy as np
@@ -155,15 +156,58 @@ def test_stored_levels_read_from_the_tiles_are_openslides_pixels(tmp_path):
 
 
 def test_reader_threads_never_seek_beside_tifffile(tmp_path):
-    """Every seek-and-read on the file holds tifffile's own lock (its delay-loaded tag
-    values seek under it), and each level's decoder is built when the slide opens:
-    tifffile builds it on first use, reading tags, and a reader thread seeking meanwhile
-    got another segment's bytes (CI: 'Not a JPEG file', 1 in 300 four-thread first reads)."""
-    t = TiffFileSlide(_jpeg_pyramid(tmp_path / "j.tif", 600, 600))
-    fh = t._tif.filehandle
-    assert t._lock is fh.lock
-    assert isinstance(fh.lock, type(threading.RLock()))  # a real lock, not tifffile's default NullContext
-    assert all("decode" in p.__dict__ for p in t._pages)  # built, not left for a reader thread
+    """Segments are read at an offset through a descriptor of their own (pread), so a reader
+    never moves tifffile's file position, which tifffile's delay-loaded tag values seek
+    under its own lock; and each level's decoder is built when the slide opens: tifffile
+    builds it on first use, reading tags, and a reader thread seeking meanwhile got another
+    segment's bytes (CI: 'Not a JPEG file', 1 in 300 four-thread first reads). Where the OS
+    has no pread, every seek-and-read holds tifffile's lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = _jpeg_pyramid(tmp_path / "j.tif", 1024, 1024)
+    want = TiffFileSlide(path).read_level(0, 0, 0, 1024, 1024)
+    for no_pread in (False, True):
+        t = TiffFileSlide(path)
+        fh = t._tif.filehandle
+        assert t._lock is fh.lock
+        assert isinstance(fh.lock, type(threading.RLock()))  # a real lock, not tifffile's default NullContext
+        assert all("decode" in p.__dict__ for p in t._pages)  # built, not left for a reader thread
+        if no_pread:
+            os.close(t._fd)
+            t._fd = None
+        else:
+            assert t._fd is not None  # Linux has pread
+        stop, moved = threading.Event(), []
+
+        def tifffile_reading_tags():  # what tifffile does under its lock, while the readers run
+            while not stop.is_set():
+                with fh.lock:
+                    fh.seek(3)
+                    fh.read(5)
+                    moved.append(fh.tell() != 8)  # a reader moved the position in between
+
+        side = threading.Thread(target=tifffile_reading_tags)
+        side.start()
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda y: t.read_level_rgb(0, 0, y, 1024, 256), range(0, 1024, 256)))
+        stop.set()
+        side.join(5)
+        assert np.array_equal(np.concatenate(outs), want[..., :3]) and t._cache.decoded == 16
+        assert moved and not any(moved)
+        t.close()
+        assert t._fd is None
+
+
+def test_a_tiff_truncated_after_it_was_opened_is_a_slide_error_naming_the_segment(tmp_path):
+    path = _jpeg_pyramid(tmp_path / "j.tif", 1024, 1024)
+    t = TiffFileSlide(path)
+    page = t._pages[0]
+    last = int(np.argmax(page.dataoffsets))
+    os.truncate(path, page.dataoffsets[last] + page.databytecounts[last] // 2)  # the last tile cut in half
+    y, x = divmod(last % 16, 4)
+    with pytest.raises(SlideError, match=f"segment {last} of level 0 .*truncated"):
+        t.read_level_rgb(0, x * 256, y * 256, 256, 256)
+    assert not t._cache._busy  # nothing left waiting
     t.close()
 
 
