@@ -90,6 +90,14 @@ def build_slide(path: str, side: int, tissue: np.ndarray) -> str:
             tif.write(tiles(ds, img), shape=(n, n, 3), dtype=np.uint8, tile=(TILE, TILE), compression="jpeg",
                       photometric="rgb", resolution=(res, res), resolutionunit="CENTIMETER",
                       subfiletype=1 if i else 0, metadata=None)
+    # On disk before anything is timed: the kernel writes a file's dirty pages back ~30 s
+    # after they were written, so an 84 MB slide built just before a measurement was
+    # written back in the middle of it.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return path
 
 
