@@ -115,7 +115,12 @@ class TiffFileSlide:
         # Where the OS has pread, segments are read through a descriptor of their own, at an
         # offset and with no lock: a read neither moves tifffile's file position nor waits for
         # another reader's (the lock and seek took 11% of two reader threads' samples).
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0)) if hasattr(os, "pread") else None
+        # (A forked child, a DataLoader worker, shares the descriptor safely: pread has no offset.)
+        try:
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0)) if hasattr(os, "pread") else None
+        except OSError:
+            self._tif.close()
+            raise
         for p in self._pages:
             p.init_decode() if hasattr(p, "init_decode") else p.decode
         self._cache = SegmentCache()
