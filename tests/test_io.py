@@ -225,6 +225,51 @@ def test_contours_of_an_island_in_a_hole():
     assert rasterize(contours(m), m.shape, 1.0).sum() == m.sum() - 1
 
 
+def test_contour_polygons_label_only_the_masks_box_and_give_the_same_outlines(monkeypatch):
+    """The regions are labelled within the mask's bounding box (int32 labels of a whole
+    80k px slide's map were 400 MB), and the outlines, names and peaks are those of the
+    same mask with no margin, moved by the margin."""
+    from scipy import ndimage
+
+    from pyfastscan.io import contour_polygons
+
+    rng = np.random.default_rng(5)
+    m = np.zeros((30, 40), dtype=bool)
+    m[2:12, 3:15] = True
+    m[5:8, 6:9] = False  # a hole
+    m[20:30, 30:40] = True
+    m[15:25, 2:12] = rng.random((10, 10)) > 0.5
+    v = rng.random(m.shape).astype(np.float32)
+    big, vbig = np.zeros((100, 120), dtype=bool), np.zeros((100, 120), dtype=np.float32)
+    big[37:67, 51:91], vbig[37:67, 51:91] = m, v
+    shapes = []
+    label = ndimage.label
+    monkeypatch.setattr(ndimage, "label", lambda a, *k, **kw: shapes.append(a.shape) or label(a, *k, **kw))
+    got = contour_polygons(big, 16.0, (8.0, 8.0), values=vbig)
+    assert shapes == [(28, 38)]  # rows 39..66 (m's first row is empty), cols 53..90
+    want = contour_polygons(m, 16.0, (8.0 + 51 * 16, 8.0 + 37 * 16), values=v)
+    assert len(got) == len(want) > 3
+    for a, b in zip(got, want):
+        assert (a.name, a.group, a.properties) == (b.name, b.group, b.properties)
+        assert np.array_equal(a.coords, b.coords) and len(a.holes) == len(b.holes)
+        assert all(np.array_equal(h, k) for h, k in zip(a.holes, b.holes))
+    assert contour_polygons(np.zeros((50, 50), dtype=bool)) == []
+
+
+def test_halve_in_bands_is_the_halving_of_the_whole():
+    from pyfastscan.io.images import halve
+
+    rng = np.random.default_rng(0)
+    for shape in ((37, 29), (40, 31, 3), (1, 9), (9, 1), (64, 64)):
+        for a in (rng.integers(0, 256, shape, dtype=np.uint8), rng.random(shape, dtype=np.float32)):
+            whole = halve(a, band=1 << 30)
+            for band in (2, 3, 8):
+                got = halve(a, band=band)
+                assert got.dtype == a.dtype and np.array_equal(got, whole), (shape, a.dtype, band)
+    a = np.array([[1, 2], [3, 5]], dtype=np.uint8)
+    assert halve(a).tolist() == [[3]]  # (11 + 2) // 4: rounding half up
+
+
 def _sliderunner(path, deleted_column=True):
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE Slides (uid INTEGER PRIMARY KEY, filename TEXT, width INT, height INT)")
