@@ -141,9 +141,9 @@ def _slides(args, run_one) -> int:
     """Run ``run_one`` on every slide; a slide that fails, for any reason, is reported on one
     line with its file and the reason, its output folder is marked failed, and the others
     go on. Returns the exit status (see EXIT_CODES)."""
-    from . import open_slide
     from .errors import PyfastscanError
-    from .io.files import slide_folders, work_in_folder
+    from .io.files import slide_folders
+    from .pipeline.scan import slide_job, slide_job_failure
 
     job = args.command
     model = _job_model(args)
@@ -158,23 +158,17 @@ def _slides(args, run_one) -> int:
     failed, internal = [], False
     for path, out in zip(args.slides, folders):
         try:
-            # a bad slide fails before any folder is made
-            slide = open_slide(path, default_mpp=args.slide_mpp if args.slide_mpp is not None else args.mpp)
-            try:
-                summary = work_in_folder(out, path, job, lambda: run_one(slide, out, model, args, command),
-                                         overwrite=args.overwrite)
-            finally:
-                slide.close()
+            summary = slide_job(path, out, job, lambda slide: run_one(slide, out, model, args, command),
+                                default_mpp=args.slide_mpp if args.slide_mpp is not None else args.mpp,
+                                overwrite=args.overwrite)
         except KeyboardInterrupt:
             again = "; run the same command with --resume to continue from the ROIs already finished" \
                 if job == "scan" else ""
             print(f"\npyfastscan {job}: interrupted during {path}{again}", file=sys.stderr)
             return 130
         except Exception as exc:
-            reason, bug = getattr(exc, "pyfastscan_reason", None) or _reason(exc, args.out, f"{job} {path}")
+            reason, bug = slide_job_failure(exc, path, args.out, job)
             internal |= bug
-            if reason.startswith(f"{path}: "):  # slide errors name the file: once is enough
-                reason = reason[len(path) + 2:]
             print(f"pyfastscan {job}: {path}: FAILED: {reason}", file=sys.stderr)
             failed.append(path)
             continue
@@ -186,7 +180,7 @@ def _slides(args, run_one) -> int:
     return EXIT_OK
 
 
-from .errors import failure_reason as _reason, one_line as _one_line  # noqa: E402
+from .errors import one_line as _one_line  # noqa: E402
 
 
 def _slide_job_parser(sub, name: str, help: str, arch: str, alpha: int, examples, slides: str = "+"):

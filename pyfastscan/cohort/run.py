@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..errors import InvalidArgumentError, failure_reason
-from ..io.files import COHORT_CSV, COHORT_EVENTS, work_in_folder, write_text
+from ..errors import InvalidArgumentError
+from ..io.files import COHORT_CSV, COHORT_EVENTS, write_text
 
 COLUMNS = ("slide", "status", "score", "detections", "tissue_cells", "seconds", "worker", "error")
 JOB = "cohort"
@@ -138,24 +138,17 @@ def process_slide(path: str, folder: str, model, key: dict, *, resume: bool, ove
     processes): status "done" with score, detections, tissue_cells, ROI counts, or
     "failed" with the error and whether another attempt may help (``retryable``: not for
     bad options or folders, nor for bugs)."""
-    from ..pipeline.scan import scan_to_folder
-    from ..slide import open_slide
+    from ..pipeline.scan import scan_to_folder, slide_job, slide_job_failure
 
     t0 = time.perf_counter()
     base = dict(worker=worker, pid=os.getpid())
     try:
-        slide = open_slide(path, default_mpp=options.get("slide_mpp") or options.get("mpp"))
-        try:
-            res = work_in_folder(folder, path, JOB, lambda: scan_to_folder(
-                slide, folder, model, resume=resume, command=command, heatmap_dtype=heatmap_dtype,
-                report_extra={"run_key": key}, scanners=scanners, progress=False, **options), overwrite=overwrite)
-        finally:
-            slide.close()
+        res = slide_job(path, folder, JOB, lambda slide: scan_to_folder(
+            slide, folder, model, resume=resume, command=command, heatmap_dtype=heatmap_dtype,
+            report_extra={"run_key": key}, scanners=scanners, progress=False, **options),
+            default_mpp=options.get("slide_mpp") or options.get("mpp"), overwrite=overwrite)
     except Exception as exc:
-        reason, bug = getattr(exc, "pyfastscan_reason", None) or failure_reason(exc, os.path.dirname(folder) or ".",
-                                                                                 f"{JOB} {path}")
-        if reason.startswith(f"{path}: "):
-            reason = reason[len(path) + 2:]
+        reason, bug = slide_job_failure(exc, path, os.path.dirname(folder) or ".", JOB)
         return dict(base, status="failed", error=reason, internal=bug,
                     retryable=not bug and not isinstance(exc, InvalidArgumentError),
                     seconds=time.perf_counter() - t0)

@@ -197,6 +197,30 @@ def postprocess(heat: np.ndarray, stride_px: float, origin_px: Tuple[float, floa
     return sorted(dets, key=lambda d: -d.probability)
 
 
+def slide_job(path: str, folder: str, job: str, run, *, default_mpp: Optional[float], overwrite: bool):
+    """``run(slide)`` for the slide at ``path``, in ``folder`` claimed for ``job``
+    (:func:`~pyfastscan.io.files.work_in_folder`: marked running, then done or failed).
+    The slide is opened first, so a bad slide fails before any folder is made, and closed
+    after. The one way the CLI's slide commands and the cohort's engines run a slide."""
+    from ..io.files import work_in_folder
+    from ..slide import open_slide
+
+    slide = open_slide(path, default_mpp=default_mpp)
+    try:
+        return work_in_folder(folder, path, job, lambda: run(slide), overwrite=overwrite)
+    finally:
+        slide.close()
+
+
+def slide_job_failure(exc: BaseException, path: str, out: str, job: str) -> Tuple[str, bool]:
+    """(reason, is a bug) of ``exc`` from :func:`slide_job`, for a line that names the slide
+    once (a slide error's reason starts with its path: it is dropped there)."""
+    from ..errors import failure_reason
+
+    reason, bug = getattr(exc, "pyfastscan_reason", None) or failure_reason(exc, out, f"{job} {path}")
+    return (reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason), bug
+
+
 def scan_to_folder(slide, folder: str, model: nn.Module, *, resume: bool = True, command: Optional[str] = None,
                    heatmap_dtype: str = "uint8", report_extra: Optional[dict] = None, truth=None,
                    **options) -> ScanResult:
