@@ -876,7 +876,17 @@ def geometry(model: nn.Module) -> Geometry:
 
 
 PRECISIONS = ("fp32", "bf16")
-
+# fp32 on the CPU: the activations' memory layout. "auto" is channels_last unless
+# convolutions with kernels of LARGE_KERNEL x LARGE_KERNEL or more do LARGE_KERNEL_SHARE of
+# the work or more, or the layers hold anchor layers (their kernels take NCHW). Measured on
+# an AMD EPYC (avx512f, no AMX), float32, two threads: channels_last ran VGG16-FCN
+# 1.21-1.28x, the demo CNN and a small 4-pool CNN 1.9-2.4x and residual_fcn 1.23-1.28x
+# faster, Tellez's CNN (one 14 x 14 dilated convolution doing 49-84% of its work, by alpha)
+# 0.79-0.98x. A rule of the layers, not a timing: the map is the same in every run,
+# process and Ray worker.
+LAYOUTS = ("auto", "nchw", "channels_last")
+LARGE_KERNEL = 7
+LARGE_KERNEL_SHARE = 0.4  # Tellez's CNN at alpha 4: 49% of the work, channels_last 0.96x there
 
 class DenseModel(nn.Module):
     """The dense scanner returned by :func:`to_dense`; ``geometry`` documents its map.
@@ -884,7 +894,11 @@ class DenseModel(nn.Module):
     Input (N, C, H, W) with H, W >= geometry.patch; output (N, K, Ho, Wo) with
     Ho = geometry.output_side(H): output (i, j) is the patch classifier applied to the
     patch whose top-left corner is (i * step, j * step). With ``precision="bf16"`` the
-    input is cast to bfloat16 (channels_last) and the map is returned as float32.
+    input is cast to bfloat16 (channels_last) and the map is returned as float32. In
+    float32 on the CPU, ``layout`` ("auto", "nchw" or "channels_last", :data:`LAYOUTS`) is
+    the activations' memory layout; "auto" times both on the first input and keeps the
+    faster (``layout_used`` and ``layout_reason`` say what it chose and why). The layouts
+    differ only in the order of each convolution's sums (within the fp32 bound).
     Parameters are frozen (requires_grad False): this is an inference module.
     ``layers`` is an nn.Sequential for chains, a torch.fx GraphModule for graphs.
     """
@@ -905,6 +919,60 @@ class DenseModel(nn.Module):
         self._ends_with_softmax = bool(ends_with_softmax)
         # Graphs: per node (extent, spacing, channels, multiply-adds per position, input nodes).
         self._costs = costs
+        self.layout = "auto"
+
+    @property
+    def layout(self) -> str:
+        return self.__dict__["_layout"]
+
+    @layout.setter
+    def layout(self, value: str) -> None:
+        if value not in LAYOUTS:
+            raise InvalidArgumentError(f"layout must be one of {LAYOUTS}, got {value!r}")
+        self.__dict__["_layout"] = value
+        self.__dict__.pop("_layout_chosen", None)
+
+    @property
+    def layout_used(self) -> Optional[str]:
+        """The layout the float32 CPU forward ran in ("nchw" / "channels_last"), None before
+        the first such forward (bf16 always runs channels_last; other devices their own)."""
+        chosen = self.__dict__.get("_layout_chosen")
+        return None if chosen is None else chosen[0]
+
+    @property
+    def layout_reason(self) -> Optional[str]:
+        chosen = self.__dict__.get("_layout_chosen")
+        return None if chosen is None else chosen[1]
+
+    def _channels_last(self, x: torch.Tensor) -> bool:
+        """Whether this float32 CPU forward runs in channels_last (see ``layout``)."""
+        chosen = self.__dict__.get("_layout_chosen")
+        if chosen is None:
+            chosen = self.__dict__["_layout_chosen"] = \
+                self.auto_layout() if self.layout == "auto" else (self.layout, "requested")
+        return chosen[0] == "channels_last"
+
+    def auto_layout(self) -> Tuple[str, str]:
+        """("nchw" or "channels_last", why): what ``layout="auto"`` runs, from the layers
+        alone (see :data:`LARGE_KERNEL`), their work counted for a map of 16 x 16 cells."""
+        side = self.geometry.input_side(16)
+        convs = [m for m in self.layers.modules() if isinstance(m, (nn.Conv2d, AnchConv2d))]
+        if any(isinstance(m, (AnchConv2d, AnchPool2d)) for m in self.layers.modules()):
+            return "nchw", "anchor layers (their kernels take NCHW)"
+        large = [m for m in convs if min(m.weight.shape[-2:]) >= LARGE_KERNEL]
+        if not large:
+            return "channels_last", f"no convolution kernel of {LARGE_KERNEL} x {LARGE_KERNEL} or more"
+        if self._costs is None:
+            work = {id(m): n * n * m.weight[0].numel() * m.weight.shape[0]
+                    for m, n, _ in self._walk(side) if isinstance(m, nn.Conv2d)}
+            share = sum(work.get(id(m), 0) for m in large) / max(1, sum(work.values()))
+        else:  # a graph: its nodes' costs are not per module; any large kernel counts as most
+            share = 1.0
+        if share >= LARGE_KERNEL_SHARE:
+            return "nchw", (f"convolutions with kernels of {LARGE_KERNEL} x {LARGE_KERNEL} or more do "
+                            f"{share:.0%} of the multiply-adds (>= {LARGE_KERNEL_SHARE:.0%})")
+        return "channels_last", (f"convolutions with kernels of {LARGE_KERNEL} x {LARGE_KERNEL} or more do only "
+                                 f"{share:.0%} of the multiply-adds (< {LARGE_KERNEL_SHARE:.0%})")
 
     @property
     def ends_with_softmax(self) -> bool:
@@ -932,6 +1000,12 @@ class DenseModel(nn.Module):
             x = F.pad(x, (0, pad[1], 0, pad[0]))
         if self.precision == "bf16":
             x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        elif x.device.type == "cpu" and x.dtype == torch.float32 and self._channels_last(x):
+            # copied unless already channels_last with whole images apart: oneDNN takes a
+            # permuted HWC view (from_numpy(hwc).permute(2, 0, 1)[None], batch stride 3) for
+            # NCHW, which ran a small CNN 2.4x slower
+            if not (x.is_contiguous(memory_format=torch.channels_last) and x.stride(0) == x[0].numel()):
+                x = x.clone(memory_format=torch.channels_last)
         run = self.__dict__.get("_compiled")
         out = (self.layers if run is None else run)(x)[..., :expected[0], :expected[1]]
         if tuple(out.shape[-2:]) != expected:  # cannot happen for a correct plan: fail loudly
@@ -1062,7 +1136,7 @@ def _plan_paper(layers: List[_Layer], stride: int, alpha: int) -> Tuple[List[nn.
 
 
 def to_dense(model: nn.Module, alpha: int = 1, plan: str = "minimal", precision: str = "fp32",
-             compile: bool = False, normalize=None) -> DenseModel:
+             compile: bool = False, normalize=None, layout: str = "auto") -> DenseModel:
     """Convert a padding-free patch classifier into a dense scanner (DESIGN.md 2.2-2.3).
 
     Args:
@@ -1084,6 +1158,8 @@ def to_dense(model: nn.Module, alpha: int = 1, plan: str = "minimal", precision:
         normalize: None or (mean, std), one number per input channel: the dense model
             computes the network on (x - mean) / std, folded into the convolutions that
             read the input (exact: there is no padding).
+        layout: float32 on the CPU: "auto" (channels_last unless large kernels do most of
+            the work, :meth:`DenseModel.auto_layout`), "nchw" or "channels_last".
     Returns:
         DenseModel with ``.geometry`` (patch, stride, alpha, input_side(), output_side()).
 
@@ -1129,4 +1205,5 @@ def to_dense(model: nn.Module, alpha: int = 1, plan: str = "minimal", precision:
     elif param is not None:
         dense = dense.to(param.dtype)
     dense.requires_grad_(False).eval()
+    dense.layout = layout
     return dense.compile_layers() if compile else dense

@@ -122,6 +122,46 @@ def test_float32_vgg(plan):
     assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, 6, torch.float32))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("plan", ["minimal", "paper"])
+def test_each_float32_layout_equals_the_patch_loop(plan, layout):
+    model = _seeded(vgg16_fcn(width=1 / 32), dtype=torch.float32)
+    dense = to_dense(model, 4, plan=plan, layout=layout)
+    assert_dense_equals_patch_loop(model, dense, _input(dense.geometry, 6, torch.float32))
+    assert (dense.layout_used, dense.layout_reason) == (layout, "requested")
+
+
+def test_layout_auto_is_a_rule_of_the_layers_and_the_forward_runs_in_it():
+    """channels_last unless kernels of 7 x 7 or more do most of the work (Tellez's 14 x 14
+    convolution) or anchor layers run; decided from the layers, so every run, process and
+    Ray worker computes the same map; one forward is one run of the layers."""
+    import pickle
+
+    vgg = to_dense(_seeded(vgg16_fcn(width=1 / 32), dtype=torch.float32), 2)
+    tellez = to_dense(_seeded(tellez_cnn(gamma=0.1), dtype=torch.float32), 2)
+    paper = to_dense(_seeded(vgg16_fcn(width=1 / 32), dtype=torch.float32), 4, plan="paper")
+    assert vgg.auto_layout()[0] == "channels_last"
+    assert tellez.auto_layout()[0] == "nchw" and "of the multiply-adds" in tellez.auto_layout()[1]
+    has_anchors = any(type(m).__name__.startswith("Anch") for m in paper.layers.modules())
+    assert paper.auto_layout()[0] == ("nchw" if has_anchors else "channels_last")
+    for dense in (vgg, tellez):
+        want = dense.auto_layout()[0]
+        assert dense.layout == "auto" and dense.layout_used is None
+        seen = []
+        hook = dense.layers[0].register_forward_hook(lambda m, i, o: seen.append(
+            i[0].is_contiguous(memory_format=torch.channels_last) and not i[0].is_contiguous()))
+        x = _input(dense.geometry, 3, torch.float32)
+        y = dense(x)
+        assert seen == [want == "channels_last"] and dense.layout_used == want and dense.layout_reason
+        hook.remove()
+        assert pickle.loads(pickle.dumps(dense)).layout_used == want  # a worker runs what the driver ran
+        assert torch.equal(pickle.loads(pickle.dumps(dense))(x), y)
+    with pytest.raises(InvalidArgumentError, match="layout"):
+        to_dense(_seeded(vgg16_fcn(width=1 / 32)), 2, layout="nhwc")
+    with pytest.raises(InvalidArgumentError, match="layout"):
+        vgg.layout = "NCHW"
+
+
 def _bf16_patch_loop(model, x, geo):
     """PyTorch's own bfloat16 path: the patch loop under bf16 autocast, channels_last."""
     model = model.to(memory_format=torch.channels_last)

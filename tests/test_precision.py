@@ -69,4 +69,8 @@ def test_scan_default_runs_what_auto_says_and_reports_it(flags):
         res = scan_slide(ArraySlide(img), _model(torch.float32), alpha=1, progress=False, roi_outputs=8)
         assert res.geometry["precision"] == want == res.model["precision"]
         assert res.model["precision_reason"]
+        if want == "fp32":  # float32 on the CPU: the layout it ran in, and why
+            assert res.model["layout"] in ("nchw", "channels_last") and res.model["layout_reason"]
+        else:
+            assert "layout" not in res.model
     assert np.isfinite(res.heatmap).all()

@@ -226,6 +226,8 @@ class ScanJob:
         normalisation), when it said it."""
         info = dict(mode=self.mode, positive_class=self.positive_class, precision=self.precision,
                     precision_reason=self.precision_reason)
+        if getattr(self.dense, "layout_used", None) is not None:  # float32 on the CPU, once it ran
+            info.update(layout=self.dense.layout_used, layout_reason=self.dense.layout_reason)
         if self.note:
             info["note"] = self.note
         if self.card is not None:
