@@ -38,17 +38,23 @@ class TissueMask:
         """For every top-left corner (y, x) of the grid ys x xs (level-0 pixels): is there
         tissue in the box [x, x + side) x [y, y + side)? (len(ys), len(xs)) bool, the same
         answer as :meth:`any_in` for each box, from a summed-area table of the mask."""
+        xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+        return self.any_in_grid(xs, xs + side, ys, ys + side)
+
+    def any_in_grid(self, x0: np.ndarray, x1: np.ndarray, y0: np.ndarray, y1: np.ndarray) -> np.ndarray:
+        """:meth:`any_in` for every box [x0[j], x1[j]) x [y0[i], y1[i]) (level-0 pixels):
+        (len(y0), len(x0)) bool, from a summed-area table of the mask."""
         if self._sat is None:
             sat = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), dtype=np.int64)
             np.cumsum(np.cumsum(self.mask, axis=0, dtype=np.int64), axis=1, out=sat[1:, 1:])
             self._sat = sat
         d = self.downsample
         h, w = self.mask.shape
-        ys, xs = np.asarray(ys, dtype=np.float64), np.asarray(xs, dtype=np.float64)
-        r0 = np.clip(np.floor(ys / d), 0, h).astype(np.int64)
-        r1 = np.clip(np.ceil((ys + side) / d), 0, h).astype(np.int64)
-        c0 = np.clip(np.floor(xs / d), 0, w).astype(np.int64)
-        c1 = np.clip(np.ceil((xs + side) / d), 0, w).astype(np.int64)
+        x0, x1, y0, y1 = (np.asarray(v, dtype=np.float64) for v in (x0, x1, y0, y1))
+        r0 = np.clip(np.floor(y0 / d), 0, h).astype(np.int64)
+        r1 = np.clip(np.ceil(y1 / d), 0, h).astype(np.int64)
+        c0 = np.clip(np.floor(x0 / d), 0, w).astype(np.int64)
+        c1 = np.clip(np.ceil(x1 / d), 0, w).astype(np.int64)
         r1, c1 = np.maximum(r1, r0), np.maximum(c1, c0)
         sat = self._sat
         r0, r1, c0, c1 = r0[:, None], r1[:, None], c0[None, :], c1[None, :]

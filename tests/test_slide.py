@@ -110,6 +110,33 @@ def test_a_corrupt_strip_is_a_slide_error_naming_the_file(tmp_path):
     s.close()
 
 
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.sampled_from([1.0, 3.7, 16.0]), st.integers(20, 99),
+       st.sampled_from([1, 2, 4]), st.integers(1, 150), st.integers(1, 150), st.integers(1, 30),
+       st.sampled_from([1.0, 0.5, 2.000337]), st.integers(0, 2**32 - 1))
+def test_plan_rois_are_the_grids_rois_whose_input_touches_tissue(h, w, ds, patch, alpha, n_rows, n_cols, L,
+                                                                 scan_ds, seed):
+    """The plan (one summed-area lookup for the whole grid) keeps exactly the ROIs of the
+    L x L grid whose input box meets tissue by TissueMask.any_in, row-major."""
+    from pyfastscan.dense import Geometry
+    from pyfastscan.masks import TissueMask
+    from pyfastscan.pipeline.engine import Roi, plan_rois
+
+    rng = np.random.default_rng(seed)
+    tm = TissueMask(rng.random((h, w)) < rng.random(), ds)
+    g = Geometry(patch, 16, alpha)
+    want = []
+    for a in range(-(-n_rows // L)):
+        for b in range(-(-n_cols // L)):
+            rows, cols = min(L, n_rows - a * L), min(L, n_cols - b * L)
+            x, y, wi, hi = b * L * g.step, a * L * g.step, g.input_side(cols), g.input_side(rows)
+            if tm.any_in(x * scan_ds, y * scan_ds, (x + wi) * scan_ds, (y + hi) * scan_ds):
+                want.append(Roi(a * L, b * L, rows, cols, x, y, wi, hi))
+    got, total = plan_rois(g, n_rows, n_cols, L, tm, scan_ds)
+    assert got == want and total == -(-n_rows // L) * -(-n_cols // L)
+    assert all(type(v) is int for r in got for v in r)
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 20), st.integers(1, 20), st.floats(0.5, 7), st.floats(0.1, 40), st.integers(0, 2**32 - 1))
 def test_boxes_touching_equals_any_in(h, w, ds, side, seed):

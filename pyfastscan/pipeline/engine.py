@@ -458,15 +458,17 @@ def plan_rois(g, n_rows: int, n_cols: int, L: int, tissue: TissueMask, scan_ds: 
     """ROIs of L x L map cells at ROI stride L * step (paper Eq. 2), the last row and column
     cut to the map; only those whose input area touches tissue (:class:`Roi`, row-major).
     Returns (tissue ROIs, number of ROIs in the whole grid)."""
-    rois = []
-    for a in range(math.ceil(n_rows / L)):
-        for b in range(math.ceil(n_cols / L)):
-            rows, cols = min(L, n_rows - a * L), min(L, n_cols - b * L)
-            x, y = b * L * g.step, a * L * g.step
-            wi, hi = g.input_side(cols), g.input_side(rows)
-            if tissue.any_in(x * scan_ds, y * scan_ds, (x + wi) * scan_ds, (y + hi) * scan_ds):
-                rois.append(Roi(a * L, b * L, rows, cols, x, y, wi, hi))
-    return rois, math.ceil(n_rows / L) * math.ceil(n_cols / L)
+    n_a, n_b = math.ceil(n_rows / L), math.ceil(n_cols / L)
+    rows = [min(L, n_rows - a * L) for a in range(n_a)]
+    cols = [min(L, n_cols - b * L) for b in range(n_b)]
+    ys, xs = [a * L * g.step for a in range(n_a)], [b * L * g.step for b in range(n_b)]
+    his, wis = [g.input_side(r) for r in rows], [g.input_side(c) for c in cols]
+    # one summed-area lookup for the whole grid (the same test as TissueMask.any_in per ROI)
+    hit = tissue.any_in_grid(np.multiply(xs, scan_ds), np.multiply(np.add(xs, wis), scan_ds),
+                             np.multiply(ys, scan_ds), np.multiply(np.add(ys, his), scan_ds))
+    rois = [Roi(a * L, b * L, rows[a], cols[b], xs[b], ys[a], wis[b], his[a])
+            for a, b in zip(*(v.tolist() for v in np.nonzero(hit)))]
+    return rois, n_a * n_b
 
 
 MAX_REGION_BYTES = 1 << 30  # the most one ROI may read from its level before resampling
