@@ -944,7 +944,17 @@ class DenseModel(nn.Module):
         chosen = self.__dict__.get("_layout_chosen")
         return None if chosen is None else chosen[1]
 
-    def _channels_last(self, x: torch.Tensor) -> bool:
+    def input_memory_format(self, device="cpu") -> torch.memory_format:
+        """The layout forward runs its input in on ``device`` (channels_last for bf16 and for
+        a channels_last float32 CPU model, see ``layout``): an input already in it, with
+        whole images apart, is not copied."""
+        param = next(self.parameters(), None)
+        if self.precision == "bf16" or (torch.device(device).type == "cpu" and param is not None
+                                         and param.dtype == torch.float32 and self._channels_last(None)):
+            return torch.channels_last
+        return torch.contiguous_format
+
+    def _channels_last(self, x: Optional[torch.Tensor]) -> bool:
         """Whether this float32 CPU forward runs in channels_last (see ``layout``)."""
         chosen = self.__dict__.get("_layout_chosen")
         if chosen is None:

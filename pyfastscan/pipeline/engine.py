@@ -405,8 +405,9 @@ def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, 
         return (F.softmax(out, dim=1) if softmax else out)[0, positive_class]
 
     bar = Progress(len(todo), label, progress, unit="ROIs")
+    fmt = dense.input_memory_format(device) if hasattr(dense, "input_memory_format") else torch.contiguous_format
     pipe = RoiPipeline(read, todo, run, device=device, in_dtype=dense.input_dtype, readers=readers or job.readers,
-                       timings=job.timings)
+                       timings=job.timings, memory_format=fmt)
     for done, (roi, block) in enumerate(pipe, start=1):
         check_finite(block, roi, s.name)
         np.copyto(block, 0, where=~job.cells_on_tissue(roi))  # no-data, whatever the ROI size (DESIGN.md 6.2)

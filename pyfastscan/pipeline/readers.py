@@ -124,8 +124,8 @@ def to_model_input(rgb: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 def pixels_to_input(rgb, out: torch.Tensor) -> torch.Tensor:
     """(h, w, 3) uint8 pixels (numpy, or a tensor on ``out``'s device) -> ``out``, (1, 3, h,
-    w) contiguous in its dtype: the pixels / 255 (``div_(255)``), in the calling thread's
-    PyTorch threads."""
+    w) in its dtype and layout (NCHW or channels_last): the pixels / 255 (``div_(255)``), in
+    the calling thread's PyTorch threads."""
     if isinstance(rgb, np.ndarray):
         if not rgb.flags.writeable or any(st < 0 for st in rgb.strides):
             rgb = np.array(rgb)  # torch.from_numpy takes neither
@@ -143,8 +143,8 @@ class BufferRing:
     """Reusable tensors by shape: ``take`` hands out a free one (or makes one), ``give``
     returns it. At most as many buffers per shape exist as were ever out at once."""
 
-    def __init__(self, dtype: torch.dtype, pin: bool = False):
-        self.dtype, self.pin = dtype, pin
+    def __init__(self, dtype: torch.dtype, pin: bool = False, memory_format: torch.memory_format = torch.contiguous_format):
+        self.dtype, self.pin, self.memory_format = dtype, pin, memory_format
         self._free: Dict[Tuple[int, ...], list] = {}
         self._lock = threading.Lock()
         self.allocated = 0
@@ -155,6 +155,8 @@ class BufferRing:
             if free:
                 return free.pop()
             self.allocated += 1
+        if len(shape) == 4 and self.memory_format != torch.contiguous_format:
+            return torch.empty(shape, dtype=self.dtype, pin_memory=self.pin, memory_format=self.memory_format)
         return torch.empty(shape, dtype=self.dtype, pin_memory=self.pin)
 
     def give(self, t: torch.Tensor) -> None:
@@ -173,6 +175,8 @@ class RoiPipeline:
             a reused buffer: the result must be a tensor of its own, not a view of ``x``.
         device: where ``run`` computes.
         in_dtype: the model's input dtype.
+        memory_format: the CPU input buffers' layout (the model's, :meth:`DenseModel.input_memory_format`:
+            a channels_last model then takes them without a copy).
         readers: reader threads.
         max_depth: most ROIs read ahead (default :func:`max_read_ahead`); in phases,
             ``phase`` uint8 ROIs take their bytes.
@@ -182,7 +186,8 @@ class RoiPipeline:
     """
 
     def __init__(self, read: Callable, todo: Iterable, run: Callable, *, device, in_dtype: torch.dtype,
-                 readers: int, max_depth: Optional[int] = None, timings: Optional[dict] = None):
+                 readers: int, max_depth: Optional[int] = None, timings: Optional[dict] = None,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         self.read, self.todo, self.run = read, list(todo), run
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -195,7 +200,7 @@ class RoiPipeline:
         self.timings.setdefault("infer", 0.0)
         # CPU: the model's input (converted by the readers, or by the model's threads in
         # phases); CUDA: pinned uint8 pixels.
-        self.ring = BufferRing(torch.uint8 if self.cuda else in_dtype, pin=self.cuda)
+        self.ring = BufferRing(torch.uint8, pin=True) if self.cuda else BufferRing(in_dtype, memory_format=memory_format)
         self.depth_grew = 0
         self.phased = not self.cuda and CPU_PHASES and torch.get_num_threads() >= cpu_cores()
         # a phase's uint8 ROIs take the bytes of the max_depth input buffers the budget counts
