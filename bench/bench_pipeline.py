@@ -10,7 +10,8 @@ tiled TIFF is read from its tiles). The model is a stand-in whose forward only s
 probabilities (no softmax on the CPU), so it behaves like an accelerator of known speed.
 
 1. ``decode_ceiling_mpx_s``: the single-thread rate of the readers' own work (decode the
-   ROI, convert it to the model's input, as ``RoiPipeline._load``), measured on the
+   ROI, convert it into a reused input buffer of the model's layout, as
+   ``RoiPipeline._load``), measured on the
    scan's tissue ROIs through a freshly opened slide (cold tile cache, as each scan's),
    times the reader threads, capped by the cores this process may use.
 2. A run with the stand-in at half the ceiling: ``device_busy`` = the stand-in's busy
@@ -61,21 +62,23 @@ def _stand_in(rate_mpx_s: float):
     return StandIn().eval()
 
 
-def single_thread_rate(path: str, rois) -> float:
-    """Mpx/s of the readers' work (decode + convert, as RoiPipeline._load beside a model) in
-    one thread over ``rois``, through a slide opened for it (its tile cache starts cold)."""
-    import numpy as np
-
+def single_thread_rate(path: str, rois, memory_format=torch.contiguous_format) -> float:
+    """Mpx/s of the readers' work (decode + convert into an input buffer of the model's
+    layout, as RoiPipeline._load beside a model) in one thread over ``rois``, through a
+    slide opened for it (its tile cache starts cold)."""
     from pyfastscan.pipeline.engine import read_scan_region
-    from pyfastscan.pipeline.readers import to_model_input
+    from pyfastscan.pipeline.readers import BufferRing, to_model_input
     from pyfastscan.slide import open_slide
 
     s = open_slide(path)
+    ring = BufferRing(torch.float32, memory_format=memory_format)
     t = time.perf_counter()
     px = 0
     for roi in rois:
         rgb = read_scan_region(s, *roi[4:], 1.0, 0, 1.0)
-        to_model_input(rgb, np.empty((3,) + rgb.shape[:2], np.float32))
+        buf = ring.take((1, 3) + rgb.shape[:2])
+        to_model_input(rgb, buf.numpy()[0])
+        ring.give(buf)
         px += rgb.shape[0] * rgb.shape[1]
     rate = px / (time.perf_counter() - t) / 1e6
     s.close()
@@ -103,7 +106,8 @@ def run(path: str, readers: int = None) -> dict:
     from pyfastscan.pipeline.engine import plan_rois
 
     rois, _ = plan_rois(probe.geometry, *first.heatmap.shape, ROI_OUTPUTS, first.tissue, 1.0)
-    single = max(single_thread_rate(path, rois) for _ in range(2))  # the second pass: the file in the OS's cache
+    fmt = probe.input_memory_format("cpu")  # the layout the scan's input buffers have
+    single = max(single_thread_rate(path, rois, fmt) for _ in range(2))  # the second pass: the file in the OS's cache
     ceiling = single * min(readers, cores())
     px = sum(r[6] * r[7] for r in rois)
 
