@@ -896,9 +896,9 @@ class DenseModel(nn.Module):
     patch whose top-left corner is (i * step, j * step). With ``precision="bf16"`` the
     input is cast to bfloat16 (channels_last) and the map is returned as float32. In
     float32 on the CPU, ``layout`` ("auto", "nchw" or "channels_last", :data:`LAYOUTS`) is
-    the activations' memory layout; "auto" times both on the first input and keeps the
-    faster (``layout_used`` and ``layout_reason`` say what it chose and why). The layouts
-    differ only in the order of each convolution's sums (within the fp32 bound).
+    the activations' memory layout; "auto" decides from the layers (:meth:`auto_layout`),
+    ``layout_used`` and ``layout_reason`` say what ran and why. The layouts differ only in
+    the order of each convolution's sums (within the fp32 bound).
     Parameters are frozen (requires_grad False): this is an inference module.
     ``layers`` is an nn.Sequential for chains, a torch.fx GraphModule for graphs.
     """
@@ -950,11 +950,11 @@ class DenseModel(nn.Module):
         whole images apart, is not copied."""
         param = next(self.parameters(), None)
         if self.precision == "bf16" or (torch.device(device).type == "cpu" and param is not None
-                                         and param.dtype == torch.float32 and self._channels_last(None)):
+                                         and param.dtype == torch.float32 and self._channels_last()):
             return torch.channels_last
         return torch.contiguous_format
 
-    def _channels_last(self, x: Optional[torch.Tensor]) -> bool:
+    def _channels_last(self) -> bool:
         """Whether this float32 CPU forward runs in channels_last (see ``layout``)."""
         chosen = self.__dict__.get("_layout_chosen")
         if chosen is None:
@@ -965,19 +965,17 @@ class DenseModel(nn.Module):
     def auto_layout(self) -> Tuple[str, str]:
         """("nchw" or "channels_last", why): what ``layout="auto"`` runs, from the layers
         alone (see :data:`LARGE_KERNEL`), their work counted for a map of 16 x 16 cells."""
-        side = self.geometry.input_side(16)
-        convs = [m for m in self.layers.modules() if isinstance(m, (nn.Conv2d, AnchConv2d))]
-        if any(isinstance(m, (AnchConv2d, AnchPool2d)) for m in self.layers.modules()):
+        modules = list(self.layers.modules())
+        if any(isinstance(m, (AnchConv2d, AnchPool2d)) for m in modules):
             return "nchw", "anchor layers (their kernels take NCHW)"
-        large = [m for m in convs if min(m.weight.shape[-2:]) >= LARGE_KERNEL]
+        large = [m for m in modules if isinstance(m, nn.Conv2d) and min(m.weight.shape[-2:]) >= LARGE_KERNEL]
         if not large:
             return "channels_last", f"no convolution kernel of {LARGE_KERNEL} x {LARGE_KERNEL} or more"
-        if self._costs is None:
-            work = {id(m): n * n * m.weight[0].numel() * m.weight.shape[0]
-                    for m, n, _ in self._walk(side) if isinstance(m, nn.Conv2d)}
-            share = sum(work.get(id(m), 0) for m in large) / max(1, sum(work.values()))
-        else:  # a graph: its nodes' costs are not per module; any large kernel counts as most
-            share = 1.0
+        if self._costs is not None:  # a graph: its nodes' costs are not per module
+            return "nchw", f"a graph with a convolution kernel of {LARGE_KERNEL} x {LARGE_KERNEL} or more"
+        work = {id(m): n * n * m.weight[0].numel() * m.weight.shape[0]
+                for m, n, _ in self._walk(self.geometry.input_side(16)) if isinstance(m, nn.Conv2d)}
+        share = sum(work.get(id(m), 0) for m in large) / max(1, sum(work.values()))
         if share >= LARGE_KERNEL_SHARE:
             return "nchw", (f"convolutions with kernels of {LARGE_KERNEL} x {LARGE_KERNEL} or more do "
                             f"{share:.0%} of the multiply-adds (>= {LARGE_KERNEL_SHARE:.0%})")
@@ -1010,7 +1008,7 @@ class DenseModel(nn.Module):
             x = F.pad(x, (0, pad[1], 0, pad[0]))
         if self.precision == "bf16":
             x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        elif x.device.type == "cpu" and x.dtype == torch.float32 and self._channels_last(x):
+        elif x.device.type == "cpu" and x.dtype == torch.float32 and self._channels_last():
             # copied unless already channels_last with whole images apart: oneDNN takes a
             # permuted HWC view (from_numpy(hwc).permute(2, 0, 1)[None], batch stride 3) for
             # NCHW, which ran a small CNN 2.4x slower

@@ -25,9 +25,12 @@ def halve(a: np.ndarray, band: int = 512) -> np.ndarray:
         return _halve(a)
     band += band % 2
     even = a.shape[0] // 2 * 2
-    out = np.empty((even // 2,) + _halve(a[:2]).shape[1:], dtype=a.dtype)
+    out = None
     for r in range(0, even, band):  # bands of whole row pairs: each output row is the same sum
-        out[r // 2:(min(r + band, even)) // 2] = _halve(a[r:min(r + band, even)])
+        part = _halve(a[r:min(r + band, even)])
+        if out is None:
+            out = np.empty((even // 2,) + part.shape[1:], dtype=a.dtype)
+        out[r // 2:r // 2 + len(part)] = part
     return out
 
 

@@ -155,9 +155,7 @@ class BufferRing:
             if free:
                 return free.pop()
             self.allocated += 1
-        if len(shape) == 4 and self.memory_format != torch.contiguous_format:
-            return torch.empty(shape, dtype=self.dtype, pin_memory=self.pin, memory_format=self.memory_format)
-        return torch.empty(shape, dtype=self.dtype, pin_memory=self.pin)
+        return torch.empty(shape, dtype=self.dtype, pin_memory=self.pin, memory_format=self.memory_format)
 
     def give(self, t: torch.Tensor) -> None:
         with self._lock:
