@@ -256,12 +256,15 @@ sys.path.insert(0, sys.argv[3])
 from test_scan import ArraySlide, _model
 from pyfastscan import scan_slide
 
-class SlowSlide(ArraySlide):
-    def read_region(self, *args):
-        time.sleep(0.2)  # slow enough to be killed midway
-        return super().read_region(*args)
+from pyfastscan.pipeline.checkpoint import RoiLog
 
-scan_slide(SlowSlide(np.load(sys.argv[1])), _model(), alpha=2, roi_outputs=5,
+append = RoiLog.append
+def slow_append(self, *args):  # each ROI slow enough to be killed midway, however the ROIs are read
+    time.sleep(0.2)
+    return append(self, *args)
+RoiLog.append = slow_append
+
+scan_slide(ArraySlide(np.load(sys.argv[1])), _model(), alpha=2, roi_outputs=5,
            tissue_mask=np.ones((17, 14), dtype=bool), checkpoint=sys.argv[2], progress=False)
 """
 

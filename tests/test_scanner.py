@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import gamma, network_error_bound, patch_loop
 from pyfastscan import InvalidArgumentError, scan_slide, to_dense
@@ -210,3 +212,88 @@ def test_reader_threads_are_kept_between_pipelines_and_never_shared_at_once(cpu_
     assert held <= first and beside and not beside & first  # ... so a scan beside it got threads of its own
     a.close()  # a pipeline that stops early leaves no read of its own running
     assert running[0] == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 4), st.one_of(st.none(), st.integers(0, 70)))
+def test_reader_runs_hand_out_every_roi_once_in_runs_of_neighbours(n, k, stop):
+    """Phases' scheduling: each index once (up to a failure's index, then none after it),
+    each reader's own share first, front to back."""
+    import threading
+
+    from pyfastscan.pipeline.readers import _Runs
+
+    k = min(k, n)
+    runs, taken, lock = _Runs(n, k), [[] for _ in range(k)], threading.Lock()
+    if stop is not None:
+        runs.stop_at(stop)
+    barrier = threading.Barrier(k)
+
+    def reader(me):
+        barrier.wait()  # all at once
+        for i in iter(lambda: runs.take(me), None):
+            with lock:
+                taken[me].append(i)
+
+    threads = [threading.Thread(target=reader, args=(me,)) for me in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    every = sorted(i for t in taken for i in t)
+    assert every == list(range(n if stop is None else min(n, stop)))
+    cuts = [round(i * n / k) for i in range(k + 1)]
+    for me, got in enumerate(taken):  # its own share first, front to back, from its start
+        p = next((j for j, i in enumerate(got) if not cuts[me] <= i < cuts[me + 1]), len(got))
+        assert got[:p] == list(range(cuts[me], cuts[me] + p))
+
+
+def test_a_phase_reads_runs_of_neighbours_and_holds_what_the_budget_leaves(monkeypatch):
+    """In phases, each reader reads a contiguous run of the phase's ROIs; a scan's phase
+    is sized from the memory budget (engine.phase_rois) and never exceeds it."""
+    import threading
+    import time
+
+    from pyfastscan.pipeline import engine, readers
+    from pyfastscan.pipeline.readers import RoiPipeline
+
+    monkeypatch.setattr(readers, "cpu_cores", lambda: 1)  # in phases
+    by_thread, lock, in_phase, phases = {}, threading.Lock(), [0], []
+
+    def read(k):
+        with lock:
+            by_thread.setdefault(threading.get_ident(), []).append(k)
+            in_phase[0] += 1
+        time.sleep(0.001)  # both readers get to read
+        return np.full((4, 4, 3), k, np.uint8)
+
+    def run(x):
+        phases.append(in_phase[0])
+        in_phase[0] = 0
+        return x[0, 0]
+
+    out = [k for k, _ in RoiPipeline(read, range(100), run, device="cpu", in_dtype=torch.float32, readers=2,
+                                     phase=100)]
+    assert out == list(range(100)) and phases[0] == 100  # one phase: every read before the first compute
+    assert len(by_thread) == 2
+    for ks in by_thread.values():  # runs of neighbours (its own share forwards, then another's backwards)
+        assert sum(abs(b - a) == 1 for a, b in zip(ks, ks[1:])) >= len(ks) - 3
+
+    class Job:  # what phase_rois reads of a ScanJob
+        def __init__(self, memory):
+            self.memory, self.dense = memory, _DenseStub()
+
+    class _DenseStub:
+        input_dtype = torch.float32
+
+        def activation_bytes(self, side):
+            return 1000 * side * side
+
+    rois = [engine.Roi(0, 0, 5, 5, 0, 0, 100, 80), engine.Roi(0, 5, 5, 5, 90, 0, 120, 100)]
+    side = 120
+    for memory in (3 << 20, 64 << 20, 4 << 30):
+        n = engine.phase_rois(Job(memory), rois)
+        spare = memory - 2 * 1000 * side * side - 3 * side * side * 4
+        assert n >= 1 and (n == 1 or n * 3 * side * side <= min(spare, engine.PHASE_BYTES))
+        assert (n + 1) * 3 * side * side > min(spare, engine.PHASE_BYTES) or n == 1
+    assert engine.phase_rois(Job(None), rois) is None

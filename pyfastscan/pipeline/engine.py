@@ -181,6 +181,7 @@ class ScanJob:
     # each tissue ROI's cells_on_tissue, by (row, col), made once by open_scan: the scan's
     # main thread only looks it up (it runs beside the readers, whose cores it takes)
     on_tissue: Dict[Tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+    memory: Optional[int] = None  # the memory budget (bytes) the ROI size was chosen under
 
     @property
     def stride_px(self) -> float:
@@ -361,7 +362,7 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: Op
     timings["tissue"] = time.perf_counter() - t
     return ScanJob(s, dense, scan_mpp, scan_ds, n_rows, n_cols, roi_outputs, tissue, thumb, thumb_ds, rois, n_total,
                    level, timings, t0, sc.mode, sc.positive_class, sc.note, sc.card, precision,
-                   precision_reason, readers, cells_tissue, on_tissue)
+                   precision_reason, readers, cells_tissue, on_tissue, budget)
 
 
 def cached_scanner(cache: Optional[dict], model: nn.Module, **kwargs):
@@ -407,12 +408,31 @@ def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, 
     bar = Progress(len(todo), label, progress, unit="ROIs")
     fmt = dense.input_memory_format(device) if hasattr(dense, "input_memory_format") else torch.contiguous_format
     pipe = RoiPipeline(read, todo, run, device=device, in_dtype=dense.input_dtype, readers=readers or job.readers,
-                       timings=job.timings, memory_format=fmt)
+                       timings=job.timings, memory_format=fmt, phase=phase_rois(job, todo))
     for done, (roi, block) in enumerate(pipe, start=1):
         check_finite(block, roi, s.name)
         np.copyto(block, 0, where=~job.cells_on_tissue(roi))  # no-data, whatever the ROI size (DESIGN.md 6.2)
         yield roi, block
         bar.update(done)
+
+
+PHASE_BYTES = 128 << 20  # at most this many bytes of uint8 ROIs read per phase (CPU, in phases)
+
+
+def phase_rois(job: ScanJob, todo: list) -> Optional[int]:
+    """ROIs per phase of a CPU scan in phases (readers.RoiPipeline): as many uint8 ROIs of
+    the largest size as fit in what the memory budget leaves beside the forward pass and
+    one input buffer (:func:`choose_roi_outputs` counts both), at most ``PHASE_BYTES``; None
+    (the pipeline's default) without a budget. Fewer, longer phases: each phase's end
+    waits for its slowest read (bench_scan's 196 ROIs: reads 0.17-0.19 s in phases of 20,
+    0.14-0.15 s in one)."""
+    if not job.memory or not todo:
+        return None
+    dense = job.dense
+    side = max(max(r.width, r.height) for r in todo)
+    item = torch.empty(0, dtype=dense.input_dtype).element_size()
+    spare = job.memory - 2 * dense.activation_bytes(side) - 3 * side * side * item
+    return max(1, int(min(spare, PHASE_BYTES) // (3 * side * side)))
 
 
 def check_finite(block: np.ndarray, roi, name: str) -> None:

@@ -162,6 +162,39 @@ class BufferRing:
             self._free.setdefault(tuple(t.shape), []).append(t)
 
 
+class _Runs:
+    """Indices 0 .. n - 1 handed to ``k`` readers in runs: reader ``me`` takes its own
+    contiguous share from the front; with it done, it takes from the back of the share
+    with the most left, so the readers finish together and each reads neighbours in a row.
+    ``stop_at(i)``: indices after ``i`` are no longer handed out (a read failed there; the
+    ones before it are still read)."""
+
+    def __init__(self, n: int, k: int):
+        cuts = [round(i * n / k) for i in range(k + 1)]
+        self.k = k
+        self._left = [[cuts[i], cuts[i + 1]] for i in range(k)]  # [next, end) of each share
+        self._end = n
+        self._lock = threading.Lock()
+
+    def take(self, me: int) -> Optional[int]:
+        with self._lock:
+            for share in self._left:
+                share[1] = min(share[1], self._end)
+            own = self._left[me]
+            if own[0] < own[1]:
+                own[0] += 1
+                return own[0] - 1
+            most = max(self._left, key=lambda share: share[1] - share[0])
+            if most[0] < most[1]:
+                most[1] -= 1
+                return most[1]
+            return None
+
+    def stop_at(self, i: int) -> None:
+        with self._lock:
+            self._end = min(self._end, i)
+
+
 class RoiPipeline:
     """Iterate (roi, block) over ``todo`` in order.
 
@@ -176,8 +209,10 @@ class RoiPipeline:
         memory_format: the CPU input buffers' layout (the model's, :meth:`DenseModel.input_memory_format`:
             a channels_last model then takes them without a copy).
         readers: reader threads.
-        max_depth: most ROIs read ahead (default :func:`max_read_ahead`); in phases,
-            ``phase`` uint8 ROIs take their bytes.
+        max_depth: most ROIs read ahead (default :func:`max_read_ahead`).
+        phase: in phases, the ROIs read per phase, if more than the default (as many
+            uint8 ROIs as the bytes of ``max_depth`` input buffers, which the memory budget
+            counts); the engine sizes it from what the budget leaves (engine.phase_rois).
         timings: a dict whose "read_wait" and "infer" entries are increased (seconds the
             consumer waited for reads; seconds spent converting the pixels, where the
             model's threads do it, and launching and finishing the model).
@@ -185,7 +220,7 @@ class RoiPipeline:
 
     def __init__(self, read: Callable, todo: Iterable, run: Callable, *, device, in_dtype: torch.dtype,
                  readers: int, max_depth: Optional[int] = None, timings: Optional[dict] = None,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format, phase: Optional[int] = None):
         self.read, self.todo, self.run = read, list(todo), run
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -201,8 +236,8 @@ class RoiPipeline:
         self.ring = BufferRing(torch.uint8, pin=True) if self.cuda else BufferRing(in_dtype, memory_format=memory_format)
         self.depth_grew = 0
         self.phased = not self.cuda and CPU_PHASES and torch.get_num_threads() >= cpu_cores()
-        # a phase's uint8 ROIs take the bytes of the max_depth input buffers the budget counts
-        self.phase = self.max_depth * torch.empty((), dtype=in_dtype).element_size()
+        # at least, a phase's uint8 ROIs take the bytes of the max_depth input buffers the budget counts
+        self.phase = max(self.max_depth * torch.empty((), dtype=in_dtype).element_size(), phase or 0)
 
     def _load(self, roi):
         """Reader thread: decode ``roi`` into a buffer of the ring."""
@@ -257,22 +292,36 @@ class RoiPipeline:
     def _cpu_phases(self):
         """CPU, the model's threads on every core: the readers decode ``phase`` ROIs, then
         the model computes them (its threads converting each to its input) with no reader
-        running, and so on."""
+        running, and so on. Within a phase each reader reads a run of neighbouring ROIs
+        (:class:`_Runs`): they share tiles, which it then decodes once and finds in its
+        own CPU cache, and the readers do not wait for each other's tiles (bench_scan's
+        196 ROIs of 438 px: 2 readers 1.4x one reader taking the ROIs in turns, 1.8x in runs)."""
         timings = self.timings
-        with reader_pool(self.readers) as submit:  # a failing read: the phase's other reads are dropped
+        with reader_pool(self.readers) as submit:
             it = iter(self.todo)
             while True:
                 batch = list(itertools.islice(it, self.phase))
                 if not batch:
                     return
                 t = time.perf_counter()
-                futures = deque(submit(self.read, roi) for roi in batch)
-                for f in futures:  # every read of the phase done before the model starts
-                    if f.exception() is not None:
-                        break  # raised below, after the ROIs read before it
+                runs = _Runs(len(batch), min(self.readers, len(batch)))
+                got, failed = [None] * len(batch), {}
+
+                def reader(me):
+                    for k in iter(lambda: runs.take(me), None):
+                        try:
+                            got[k] = self.read(batch[k])
+                        except BaseException as exc:  # raised below, after the ROIs read before it
+                            failed[k] = exc
+                            runs.stop_at(k)
+
+                for f in [submit(reader, me) for me in range(runs.k)]:
+                    f.result()  # every read of the phase done before the model starts
                 timings["read_wait"] += time.perf_counter() - t
-                for roi in batch:
-                    rgb = futures.popleft().result()
+                for k, roi in enumerate(batch):
+                    if k in failed:
+                        raise failed[k]
+                    rgb, got[k] = got[k], None
                     t = time.perf_counter()
                     with torch.inference_mode():  # only around the model: never across a yield
                         x = pixels_to_input(rgb, self.ring.take((1, 3) + rgb.shape[:2]))
