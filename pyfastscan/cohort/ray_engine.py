@@ -13,7 +13,7 @@ from collections import deque
 from typing import List, Optional
 
 from ..errors import InvalidArgumentError
-from ..pipeline.distributed import actor_errors, ray_session, restarted, worker_info
+from ..pipeline.distributed import actor_errors, dispatch, ray_session, restarted, worker_info
 from .run import Ledger, SlideRecord, attempt
 
 
@@ -76,24 +76,19 @@ def run_ray(todo: List[SlideRecord], ledger: Ledger, work: dict, *, address: Opt
         try:
             infos = ray.get([a.info.remote() for a in actors])
             ledger.event("workers", workers=[i["name"] for i in infos])
-            queue, pending, idle = deque(todo), {}, list(range(n))
-            while queue or pending:
-                while queue and idle:
-                    i, rec = idle.pop(0), queue.popleft()
-                    ledger.start(rec, infos[i]["name"], infos[i]["pid"])
-                    pending[actors[i].scan.remote(rec, shared)] = (i, rec)
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    i, rec = pending.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except lost as exc:
-                        error = " ".join(f"{infos[i]['name']} was lost ({type(exc).__name__}: {exc})".split())[:500]
-                        result = dict(status="failed", error=error, retryable=True, worker=infos[i]["name"])
-                        infos[i] = restarted(ray, actors[i], lost)  # Ray restarts it: its new process
-                    if not ledger.settle(rec, result):
-                        queue.appendleft(rec)  # retried next, from its checkpoint
-                    idle.append(i)
+
+            def submit(i, rec):
+                ledger.start(rec, infos[i]["name"], infos[i]["pid"])
+                return actors[i].scan.remote(rec, shared)
+
+            queue = deque(todo)  # one slide in flight per worker
+            for i, rec, result, exc in dispatch(ray, n, queue, submit, lost):
+                if exc is not None:
+                    error = " ".join(f"{infos[i]['name']} was lost ({type(exc).__name__}: {exc})".split())[:500]
+                    result = dict(status="failed", error=error, retryable=True, worker=infos[i]["name"])
+                    infos[i] = restarted(ray, actors[i], lost)  # Ray restarts it: its new process
+                if not ledger.settle(rec, result):
+                    queue.appendleft(rec)  # retried next, from its checkpoint
         finally:
             for a in actors:
                 ray.kill(a)

@@ -162,6 +162,31 @@ class RoiWorker:
                 infer_rois(job, [Roi(*r) for r in rois], device=self.options["device"], label="", progress=False)]
 
 
+def dispatch(ray, n: int, queue: deque, submit, lost, per_actor: int = 1):
+    """The driver's loop over ``n`` actors: while ``queue`` has work and an actor has fewer
+    than ``per_actor`` calls in flight, ``submit(i, item)`` (-> an object ref) gives the
+    least loaded actor ``i`` the next item; yields (i, item, value, lost exception or None)
+    as calls finish. ``lost``: the exception types of a lost actor (:func:`actor_errors`),
+    yielded instead of raised, so the caller may requeue the item (``queue`` is read live:
+    ``queue.appendleft(item)`` retries it next). Any other failure of a call is raised."""
+    pending, load = {}, [0] * n
+    while queue or pending:
+        while queue and min(load) < per_actor:
+            i = load.index(min(load))
+            item = queue.popleft()
+            pending[submit(i, item)] = (i, item)
+            load[i] += 1
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            i, item = pending.pop(ref)
+            load[i] -= 1
+            try:
+                value, exc = ray.get(ref), None
+            except lost as e:
+                value, exc = None, e
+            yield i, item, value, exc
+
+
 def split(todo: list, parts: int) -> list:
     """``todo`` in consecutive batches, about ``parts`` of them (at least one ROI each)."""
     size = max(1, math.ceil(len(todo) / max(1, parts)))
@@ -195,35 +220,27 @@ def infer_rois_ray(job, todo: list, slide, model, options: dict, *, workers: Opt
         actors = [cls.remote(model_ref, options, torch.get_num_threads()) for _ in range(n)]
         lost = actor_errors(ray)
         queue = deque((b, 0) for b in split([tuple(r) for r in todo], n * BATCHES_PER_WORKER))
-        pending, load = {}, [0] * n
         bar = Progress(len(todo), label + " on Ray", progress, unit="ROIs")
         done = 0
+
+        def submit(i, item):
+            return actors[i].compute.remote(where, key, item[0])
+
         try:
-            while queue or pending:
-                while queue and min(load) < IN_FLIGHT:
-                    i = load.index(min(load))
-                    batch, attempt = queue.popleft()
-                    pending[actors[i].compute.remote(where, key, batch)] = (i, batch, attempt)
-                    load[i] += 1
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    i, batch, attempt = pending.pop(ref)
-                    load[i] -= 1
-                    try:
-                        blocks = ray.get(ref)
-                    except lost as exc:
-                        if attempt >= retries:
-                            raise BackendUnavailableError(f"{job.slide.name}: a Ray worker was lost {attempt + 1} "
-                                                          f"times computing ROIs {batch[0][:2]}..: {exc}") from None
-                        restarted(ray, actors[i], lost)  # calls to it fail while Ray restarts it
-                        queue.appendleft((batch, attempt + 1))
-                        continue
-                    except ray.exceptions.RayTaskError as exc:
-                        raise exc.as_instanceof_cause() from None
-                    for roi, block in blocks:
-                        yield roi, block
-                    done += len(blocks)
-                    bar.update(done)
+            for i, (batch, attempt), blocks, exc in dispatch(ray, n, queue, submit, lost, per_actor=IN_FLIGHT):
+                if exc is not None:
+                    if attempt >= retries:
+                        raise BackendUnavailableError(f"{job.slide.name}: a Ray worker was lost {attempt + 1} "
+                                                      f"times computing ROIs {batch[0][:2]}..: {exc}") from None
+                    restarted(ray, actors[i], lost)  # calls to it fail while Ray restarts it
+                    queue.appendleft((batch, attempt + 1))
+                    continue
+                for roi, block in blocks:
+                    yield roi, block
+                done += len(blocks)
+                bar.update(done)
+        except ray.exceptions.RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
         finally:
             for a in actors:
                 ray.kill(a)
