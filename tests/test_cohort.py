@@ -359,3 +359,55 @@ def test_the_event_log_is_appended_to_and_a_torn_last_line_is_dropped(tmp_path):
     size = os.path.getsize(path)
     Ledger(out, [], retries=0, progress=False)  # a whole log is left as it is
     assert os.path.getsize(path) == size and os.stat(path).st_ino == inode
+
+
+def test_the_ray_driver_loop_balances_requeues_lost_calls_and_raises_others():
+    """pipeline.distributed.dispatch, both engines' loop, against a stand-in for Ray whose
+    calls finish in the order they were made: the least loaded actor gets the next item,
+    never more than per_actor in flight; a lost actor's call is yielded (the caller
+    requeues it), any other failure is raised."""
+    from collections import deque
+
+    from pyfastscan.pipeline.distributed import dispatch
+
+    class Lost(Exception):
+        pass
+
+    class FakeRay:
+        def __init__(self):
+            self.in_flight = {}
+
+        def wait(self, refs, num_returns):
+            return [min(refs)], []  # the earliest call finishes first
+
+        def get(self, ref):
+            i, item = self.in_flight.pop(ref)
+            if item == "lost-once" and not seen_lost:
+                seen_lost.append(i)
+                raise Lost(f"actor {i} died")
+            if item == "bug":
+                raise ValueError("a bug in the worker")
+            return f"{item} by {i}"
+
+    ray, seen_lost, counter, most = FakeRay(), [], [0], {}
+
+    def submit(i, item):
+        counter[0] += 1
+        ray.in_flight[counter[0]] = (i, item)
+        flying = sum(1 for j, _ in ray.in_flight.values() if j == i)
+        most[i] = max(most.get(i, 0), flying)
+        return counter[0]
+
+    queue = deque(["a", "lost-once", "b", "c", "d", "e"])
+    got = []
+    for i, item, value, exc in dispatch(ray, 2, queue, submit, (Lost,), per_actor=2):
+        if exc is not None:
+            assert isinstance(exc, Lost) and item == "lost-once"
+            queue.appendleft(item)  # retried next
+            continue
+        got.append(value)
+    assert sorted(v.split(" by ")[0] for v in got) == ["a", "b", "c", "d", "e", "lost-once"]
+    assert set(most) == {0, 1} and max(most.values()) == 2  # both actors used, at most 2 calls each
+    assert got[0] == "a by 0" and seen_lost == [1]  # "a" to actor 0, then the least loaded: actor 1
+    with pytest.raises(ValueError, match="a bug"):
+        list(dispatch(ray, 1, deque(["bug"]), submit, (Lost,)))
