@@ -240,6 +240,7 @@ def test_reader_runs_hand_out_every_roi_once_in_runs_of_neighbours(n, k, stop):
         t.start()
     for t in threads:
         t.join(10)
+        assert not t.is_alive()
     every = sorted(i for t in taken for i in t)
     assert every == list(range(n if stop is None else min(n, stop)))
     cuts = [round(i * n / k) for i in range(k + 1)]
@@ -297,3 +298,56 @@ def test_a_phase_reads_runs_of_neighbours_and_holds_what_the_budget_leaves(monke
         assert n >= 1 and (n == 1 or n * 3 * side * side <= min(spare, engine.PHASE_BYTES))
         assert (n + 1) * 3 * side * side > min(spare, engine.PHASE_BYTES) or n == 1
     assert engine.phase_rois(Job(None), rois) is None
+
+
+def test_an_interrupt_while_a_phase_is_read_starts_no_further_read(monkeypatch):
+    """Ctrl-C while the readers read a long phase reaches the caller at once: the reads
+    already running finish, no other starts."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from pyfastscan.pipeline import readers
+    from pyfastscan.pipeline.readers import RoiPipeline
+
+    monkeypatch.setattr(readers, "cpu_cores", lambda: 1)  # in phases
+    reads = []
+
+    def read(k):
+        reads.append(k)
+        time.sleep(0.005)
+        return np.zeros((4, 4, 3), np.uint8)
+
+    pipe = RoiPipeline(read, range(400), lambda x: x[0, 0], device="cpu", in_dtype=torch.float32, readers=2,
+                       phase=400)  # 400 reads: 1 s on two readers
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C
+    t = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        list(pipe)
+    took = time.perf_counter() - t
+    timer.cancel()
+    assert took < 0.5 and len(reads) < 150, (took, len(reads))
+    time.sleep(0.05)
+    assert len(reads) < 150  # nothing read after the caller got the interrupt either
+
+
+def test_a_scan_reads_in_phases_sized_by_its_memory_budget(monkeypatch):
+    """scan_slide's pipeline gets engine.phase_rois of its job: the budget decides the phase."""
+    from pyfastscan.pipeline import engine, readers
+
+    seen = []
+    init = readers.RoiPipeline.__init__
+
+    def spy(self, *args, **kw):
+        seen.append(kw.get("phase"))
+        init(self, *args, **kw)
+
+    monkeypatch.setattr(readers.RoiPipeline, "__init__", spy)
+    kw = dict(alpha=2, roi_outputs=5, tissue_mask=np.ones((17, 14), dtype=bool), progress=False)
+    scan_slide(ArraySlide(_image()), _model(), memory=256 << 20, **kw)
+    side = to_dense(_model(), 2).geometry.input_side(5)
+    assert seen[-1] == int(engine.PHASE_BYTES // (3 * side * side))  # 256 MB leaves more than the cap
+    scan_slide(ArraySlide(_image()), _model(), memory=48 << 20, **kw)
+    assert seen[-1] < int(engine.PHASE_BYTES // (3 * side * side))  # a smaller budget: a shorter phase

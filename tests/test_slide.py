@@ -139,6 +139,18 @@ def test_otsu_tissue_mask_is_scipys_morphology_pixel_for_pixel(h, w, density, se
     assert np.array_equal(got.mask, _otsu_mask_reference(rgb))
 
 
+def test_otsu_tissue_mask_takes_uint8_rgb_and_ignores_alpha():
+    from pyfastscan import InvalidArgumentError
+    from pyfastscan.slide.tissue import otsu_tissue_mask
+
+    rgb = _rgb(40, 30)
+    rgba = np.concatenate([rgb, np.full((40, 30, 1), 7, np.uint8)], axis=2)  # alpha would be the minimum
+    assert np.array_equal(otsu_tissue_mask(rgba, 1.0).mask, otsu_tissue_mask(rgb, 1.0).mask)
+    for bad in (rgb / 255.0, rgb[..., 0], rgb[..., :2], rgb.astype(bool)):
+        with pytest.raises(InvalidArgumentError, match="uint8 RGB"):
+            otsu_tissue_mask(bad, 1.0)
+
+
 def test_otsu_tissue_mask_of_a_real_slide_is_scipys():
     from pyfastscan.samples import skin_slide_path
     from pyfastscan.slide.tissue import otsu_tissue_mask

@@ -416,14 +416,15 @@ def infer_rois(job: ScanJob, todo: list, *, device, label: str, progress: bool, 
         bar.update(done)
 
 
-PHASE_BYTES = 128 << 20  # at most this many bytes of uint8 ROIs read per phase (CPU, in phases)
+PHASE_BYTES = 128 << 20  # phases longer than the pipeline's default hold at most this many bytes of uint8 ROIs
 
 
 def phase_rois(job: ScanJob, todo: list) -> Optional[int]:
     """ROIs per phase of a CPU scan in phases (readers.RoiPipeline): as many uint8 ROIs of
     the largest size as fit in what the memory budget leaves beside the forward pass and
     one input buffer (:func:`choose_roi_outputs` counts both), at most ``PHASE_BYTES``; None
-    (the pipeline's default) without a budget. Fewer, longer phases: each phase's end
+    without a budget. The pipeline never reads fewer per phase than its default (the
+    read-ahead buffers' bytes, which the budget counts), so the default may exceed it. Fewer, longer phases: each phase's end
     waits for its slowest read (bench_scan's 196 ROIs: reads 0.17-0.19 s in phases of 20,
     0.14-0.15 s in one)."""
     if not job.memory or not todo:

@@ -18,8 +18,9 @@ the model's threads fill.
   stream of their own, ``non_blocking``, and are converted on the device.
 - On the CPU, when the model's threads fill the cores (``torch.get_num_threads()`` >= the
   cores this process may use), reading and computing take turns (``CPU_PHASES``): all
-  readers decode a phase of ROIs (uint8, as many as the memory budget's read-ahead
-  buffers hold), then the model computes them with no reader running, the conversion to
+  readers decode a phase of ROIs (uint8, as many as the memory budget leaves beside the
+  forward pass, each reader a run of neighbouring ROIs), then the model computes them with
+  no reader running, the conversion to
   its input (float in [0, 1], ``div_(255)``) done by the model's own threads. A reader
   running beside the model takes a core from one of its threads, and the others then wait
   at the next barrier, so overlapping costs more than the reads it hides. Otherwise (a
@@ -166,8 +167,8 @@ class _Runs:
     """Indices 0 .. n - 1 handed to ``k`` readers in runs: reader ``me`` takes its own
     contiguous share from the front; with it done, it takes from the back of the share
     with the most left, so the readers finish together and each reads neighbours in a row.
-    ``stop_at(i)``: indices after ``i`` are no longer handed out (a read failed there; the
-    ones before it are still read)."""
+    ``stop_at(i)``: ``i`` and the indices after it are no longer handed out (a read failed
+    there, or the consumer stopped waiting: ``stop_at(0)``; the ones before it are still read)."""
 
     def __init__(self, n: int, k: int):
         cuts = [round(i * n / k) for i in range(k + 1)]
@@ -315,11 +316,17 @@ class RoiPipeline:
                             failed[k] = exc
                             runs.stop_at(k)
 
-                for f in [submit(reader, me) for me in range(runs.k)]:
-                    f.result()  # every read of the phase done before the model starts
+                futures = [submit(reader, me) for me in range(runs.k)]
+                try:
+                    for f in futures:
+                        f.result()  # every read of the phase done before the model starts
+                except BaseException:  # interrupted (Ctrl-C) while waiting: no further read starts
+                    runs.stop_at(0)
+                    raise
                 timings["read_wait"] += time.perf_counter() - t
                 for k, roi in enumerate(batch):
                     if k in failed:
+                        got.clear()  # the phase's unread ROIs go now, not with the traceback's cycle
                         raise failed[k]
                     rgb, got[k] = got[k], None
                     t = time.perf_counter()

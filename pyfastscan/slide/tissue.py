@@ -25,8 +25,14 @@ def otsu_tissue_mask(rgb: np.ndarray, downsample: float, min_saturation: int = 2
     opening with a 3x3 structuring element and removal of holes: scipy.ndimage's
     binary_closing, binary_opening and binary_fill_holes, pixel for pixel (outside the
     image counts as background for each dilation and erosion, as there), computed in
-    whole-array passes (38 -> 5 ms for a 625 px thumbnail: it is part of every scan)."""
+    whole-array passes (38 -> 5 ms for a 625 px thumbnail: it is part of every scan).
+
+    ``rgb``: (h, w, 3 or more) uint8, a thumbnail; only its first three channels count
+    (an alpha channel is not colour)."""
     rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise InvalidArgumentError(f"the tissue detector takes an (h, w, 3) uint8 RGB image, got {rgb.dtype} "
+                                   f"{rgb.shape}")
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     sat = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # max >= min: no wrap-around
     mask = sat > max(_otsu(sat), min_saturation)
