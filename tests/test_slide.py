@@ -163,6 +163,28 @@ def test_otsu_tissue_mask_of_a_real_slide_is_scipys():
     assert np.array_equal(otsu_tissue_mask(thumb, ds).mask, want)
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.sampled_from([1.0, 3.7, 16.0]), st.integers(20, 99),
+       st.sampled_from([1, 2, 4]), st.integers(1, 150), st.integers(1, 150), st.integers(1, 30),
+       st.sampled_from([1.0, 0.5, 2.000337]), st.integers(0, 2**32 - 1))
+def test_the_cells_on_tissue_of_all_rois_at_once_are_each_rois(h, w, ds, patch, alpha, n_rows, n_cols, L, scan_ds,
+                                                               seed):
+    """open_scan's one lookup per row of ROIs gives every ROI the mask cells_on_tissue gives it alone."""
+    from pyfastscan.dense import Geometry
+    from pyfastscan.masks import TissueMask
+    from pyfastscan.pipeline.engine import cells_on_tissue, plan_rois, rois_cells_on_tissue
+
+    rng = np.random.default_rng(seed)
+    tm = TissueMask(rng.random((h, w)) < rng.random() ** 2, ds)  # sparse too: rows of scattered ROIs
+    g = Geometry(patch, 16, alpha)
+    rois, _ = plan_rois(g, n_rows, n_cols, L, tm, scan_ds)
+    got = rois_cells_on_tissue(g, tm, scan_ds, rois)
+    assert sorted(got) == sorted((r.row, r.col) for r in rois)
+    for r in rois:
+        want = cells_on_tissue(g, tm, scan_ds, r)
+        assert got[(r.row, r.col)].shape == (r.rows, r.cols) and np.array_equal(got[(r.row, r.col)], want)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 40), st.sampled_from([1.0, 3.7, 16.0]), st.integers(20, 99),
        st.sampled_from([1, 2, 4]), st.integers(1, 150), st.integers(1, 150), st.integers(1, 30),

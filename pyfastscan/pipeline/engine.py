@@ -357,7 +357,7 @@ def open_scan(stack: contextlib.ExitStack, slide, model: nn.Module, *, alpha: Op
         roi_outputs = least_work_roi_outputs(g, n_rows, n_cols, choose_roi_outputs(dense, budget, readers), tissue,
                                              scan_ds)
     rois, n_total = plan_rois(g, n_rows, n_cols, roi_outputs, tissue, scan_ds)
-    on_tissue = {(r.row, r.col): cells_on_tissue(g, tissue, scan_ds, r) for r in rois}
+    on_tissue = rois_cells_on_tissue(g, tissue, scan_ds, rois)
     cells_tissue = sum(int(m.sum()) for m in on_tissue.values())
     timings["tissue"] = time.perf_counter() - t
     return ScanJob(s, dense, scan_mpp, scan_ds, n_rows, n_cols, roi_outputs, tissue, thumb, thumb_ds, rois, n_total,
@@ -452,6 +452,26 @@ def cells_on_tissue(g, tissue: TissueMask, scan_ds: float, roi: Roi) -> np.ndarr
     step = g.step * scan_ds
     return tissue.boxes_touching((roi.col + np.arange(roi.cols)) * step, (roi.row + np.arange(roi.rows)) * step,
                                  g.patch * scan_ds)
+
+
+def rois_cells_on_tissue(g, tissue: TissueMask, scan_ds: float, rois: list) -> Dict[Tuple[int, int], np.ndarray]:
+    """:func:`cells_on_tissue` of every ROI, by (row, col): one summed-area lookup per row of
+    ROIs (the columns of that row's ROIs side by side) instead of one per ROI (an 80k px
+    slide with a disc of tissue, 29,205 ROIs: 1.69 -> 0.82 s; bench_scan's 196: 11 -> 5.5 ms).
+    The same boxes, so the same answers (each ROI's mask is a view into its row's)."""
+    step, side = g.step * scan_ds, g.patch * scan_ds
+    by_row: Dict[Tuple[int, int], list] = {}
+    for r in rois:
+        by_row.setdefault((r.row, r.rows), []).append(r)
+    out = {}
+    for (row, rows), rs in by_row.items():
+        cols = np.concatenate([r.col + np.arange(r.cols) for r in rs])
+        hit = tissue.boxes_touching(cols * step, (row + np.arange(rows)) * step, side)
+        at = 0
+        for r in rs:
+            out[(r.row, r.col)] = hit[:, at:at + r.cols]
+            at += r.cols
+    return out
 
 
 def least_work_roi_outputs(g, n_rows: int, n_cols: int, largest: int, tissue: TissueMask, scan_ds: float) -> int:
