@@ -63,26 +63,18 @@ def _stand_in(rate_mpx_s: float):
 
 
 def single_thread_rate(path: str, rois, memory_format=torch.contiguous_format) -> float:
-    """Mpx/s of the readers' work (decode + convert into an input buffer of the model's
-    layout, as RoiPipeline._load beside a model) in one thread over ``rois``, through a
-    slide opened for it (its tile cache starts cold)."""
+    """Mpx/s of the readers' work (pyfastscan.benchmark.reader_rate: decode + convert into
+    an input buffer of the model's layout, as RoiPipeline._load beside a model) in one
+    thread over ``rois``, through a slide opened for it (its tile cache starts cold)."""
+    from pyfastscan.benchmark import reader_rate
     from pyfastscan.pipeline.engine import read_scan_region
-    from pyfastscan.pipeline.readers import BufferRing, to_model_input
     from pyfastscan.slide import open_slide
 
     s = open_slide(path)
-    ring = BufferRing(torch.float32, memory_format=memory_format)
-    t = time.perf_counter()
-    px = 0
-    for roi in rois:
-        rgb = read_scan_region(s, *roi[4:], 1.0, 0, 1.0)
-        buf = ring.take((1, 3) + rgb.shape[:2])
-        to_model_input(rgb, buf.numpy()[0])
-        ring.give(buf)
-        px += rgb.shape[0] * rgb.shape[1]
-    rate = px / (time.perf_counter() - t) / 1e6
-    s.close()
-    return rate
+    try:
+        return reader_rate(lambda roi: read_scan_region(s, *roi[4:], 1.0, 0, 1.0), rois, memory_format)
+    finally:
+        s.close()
 
 
 def run(path: str, readers: int = None) -> dict:

@@ -172,7 +172,7 @@ def test_the_cells_on_tissue_of_all_rois_at_once_are_each_rois(h, w, ds, patch, 
     """open_scan's one lookup per row of ROIs gives every ROI the mask cells_on_tissue gives it alone."""
     from pyfastscan.dense import Geometry
     from pyfastscan.masks import TissueMask
-    from pyfastscan.pipeline.engine import cells_on_tissue, plan_rois, rois_cells_on_tissue
+    from pyfastscan.pipeline.engine import plan_rois, rois_cells_on_tissue
 
     rng = np.random.default_rng(seed)
     tm = TissueMask(rng.random((h, w)) < rng.random() ** 2, ds)  # sparse too: rows of scattered ROIs
@@ -180,8 +180,10 @@ def test_the_cells_on_tissue_of_all_rois_at_once_are_each_rois(h, w, ds, patch, 
     rois, _ = plan_rois(g, n_rows, n_cols, L, tm, scan_ds)
     got = rois_cells_on_tissue(g, tm, scan_ds, rois)
     assert sorted(got) == sorted((r.row, r.col) for r in rois)
-    for r in rois:
-        want = cells_on_tissue(g, tm, scan_ds, r)
+    step = g.step * scan_ds
+    for r in rois:  # each ROI's cells' boxes on their own
+        want = tm.boxes_touching((r.col + np.arange(r.cols)) * step, (r.row + np.arange(r.rows)) * step,
+                                 g.patch * scan_ds)
         assert got[(r.row, r.col)].shape == (r.rows, r.cols) and np.array_equal(got[(r.row, r.col)], want)
 
 

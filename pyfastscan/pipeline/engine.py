@@ -111,7 +111,7 @@ def choose_roi_outputs(dense: DenseModel, budget: int, readers: int = 2, limit: 
     layout reorders and workspaces come on top of the tensors PyTorch holds (oneDNN on
     this project's CPU peaked at 1.3-1.9x them, measured with VmHWM)."""
     g = dense.geometry
-    item = torch.empty(0, dtype=dense.input_dtype).element_size()
+    item = dense.input_dtype.itemsize
 
     def need(L):
         side = g.input_side(L)
@@ -422,17 +422,16 @@ PHASE_BYTES = 128 << 20  # phases longer than the pipeline's default hold at mos
 def phase_rois(job: ScanJob, todo: list) -> Optional[int]:
     """ROIs per phase of a CPU scan in phases (readers.RoiPipeline): as many uint8 ROIs of
     the largest size as fit in what the memory budget leaves beside the forward pass and
-    one input buffer (:func:`choose_roi_outputs` counts both), at most ``PHASE_BYTES``; None
-    without a budget. The pipeline never reads fewer per phase than its default (the
-    read-ahead buffers' bytes, which the budget counts), so the default may exceed it. Fewer, longer phases: each phase's end
-    waits for its slowest read (bench_scan's 196 ROIs: reads 0.17-0.19 s in phases of 20,
-    0.14-0.15 s in one)."""
+    one input buffer (:func:`choose_roi_outputs` counts both), at most ``PHASE_BYTES``;
+    None without a budget. The pipeline never reads fewer per phase than its default (the
+    read-ahead buffers' bytes, which the budget counts), so the default may exceed it.
+    Fewer, longer phases: each phase's end waits for its slowest read (bench_scan's 196
+    ROIs: reads 0.17-0.19 s in phases of 20, 0.14-0.15 s in one)."""
     if not job.memory or not todo:
         return None
     dense = job.dense
     side = max(max(r.width, r.height) for r in todo)
-    item = torch.empty(0, dtype=dense.input_dtype).element_size()
-    spare = job.memory - 2 * dense.activation_bytes(side) - 3 * side * side * item
+    spare = job.memory - 2 * dense.activation_bytes(side) - 3 * side * side * dense.input_dtype.itemsize
     return max(1, int(min(spare, PHASE_BYTES) // (3 * side * side)))
 
 
@@ -449,9 +448,9 @@ def check_finite(block: np.ndarray, roi, name: str) -> None:
 
 
 def cells_on_tissue(g, tissue: TissueMask, scan_ds: float, roi: Roi) -> np.ndarray:
-    step = g.step * scan_ds
-    return tissue.boxes_touching((roi.col + np.arange(roi.cols)) * step, (roi.row + np.arange(roi.rows)) * step,
-                                 g.patch * scan_ds)
+    """(rows, cols) bool of ``roi``'s map cells whose patch touches tissue (see
+    :func:`rois_cells_on_tissue`, which does every ROI of a plan at once)."""
+    return rois_cells_on_tissue(g, tissue, scan_ds, [roi])[(roi.row, roi.col)]
 
 
 def rois_cells_on_tissue(g, tissue: TissueMask, scan_ds: float, rois: list) -> Dict[Tuple[int, int], np.ndarray]:

@@ -123,6 +123,16 @@ def to_model_input(rgb: np.ndarray, out: np.ndarray) -> np.ndarray:
     return np.divide(rgb.transpose(2, 0, 1), 255, out=out, dtype=out.dtype)
 
 
+def read_into(read: Callable, roi, ring: "BufferRing") -> torch.Tensor:
+    """What a reader thread does per ROI beside a CPU model: ``read(roi)`` ((h, w, 3) uint8)
+    converted into a (1, 3, h, w) buffer of ``ring`` (the model's input dtype and layout)
+    with numpy only (:func:`to_model_input`). The benchmarks' read ceilings time this."""
+    rgb = read(roi)
+    buf = ring.take((1, 3) + rgb.shape[:2])
+    to_model_input(rgb, buf.numpy()[0])
+    return buf
+
+
 def pixels_to_input(rgb, out: torch.Tensor) -> torch.Tensor:
     """(h, w, 3) uint8 pixels (numpy, or a tensor on ``out``'s device) -> ``out``, (1, 3, h,
     w) in its dtype and layout (NCHW or channels_last): the pixels / 255 (``div_(255)``), in
@@ -174,13 +184,10 @@ class _Runs:
         cuts = [round(i * n / k) for i in range(k + 1)]
         self.k = k
         self._left = [[cuts[i], cuts[i + 1]] for i in range(k)]  # [next, end) of each share
-        self._end = n
         self._lock = threading.Lock()
 
     def take(self, me: int) -> Optional[int]:
         with self._lock:
-            for share in self._left:
-                share[1] = min(share[1], self._end)
             own = self._left[me]
             if own[0] < own[1]:
                 own[0] += 1
@@ -193,7 +200,8 @@ class _Runs:
 
     def stop_at(self, i: int) -> None:
         with self._lock:
-            self._end = min(self._end, i)
+            for share in self._left:
+                share[1] = min(share[1], i)
 
 
 class RoiPipeline:
@@ -238,17 +246,15 @@ class RoiPipeline:
         self.depth_grew = 0
         self.phased = not self.cuda and CPU_PHASES and torch.get_num_threads() >= cpu_cores()
         # at least, a phase's uint8 ROIs take the bytes of the max_depth input buffers the budget counts
-        self.phase = max(self.max_depth * torch.empty((), dtype=in_dtype).element_size(), phase or 0)
+        self.phase = max(self.max_depth * in_dtype.itemsize, phase or 0)
 
     def _load(self, roi):
         """Reader thread: decode ``roi`` into a buffer of the ring."""
+        if not self.cuda:
+            return read_into(self.read, roi, self.ring)
         rgb = self.read(roi)
-        if self.cuda:
-            buf = self.ring.take(rgb.shape)
-            np.copyto(buf.numpy(), rgb)
-            return buf
-        buf = self.ring.take((1, 3) + rgb.shape[:2])
-        to_model_input(rgb, buf.numpy()[0])
+        buf = self.ring.take(rgb.shape)
+        np.copyto(buf.numpy(), rgb)
         return buf
 
     def __iter__(self):
@@ -387,4 +393,4 @@ class RoiPipeline:
 
 
 __all__ = ["RoiPipeline", "BufferRing", "cpu_cores", "default_readers", "max_read_ahead", "pixels_to_input",
-           "reader_pool", "to_model_input"]
+           "read_into", "reader_pool", "to_model_input"]
