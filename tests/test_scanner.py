@@ -1,5 +1,6 @@
 """Dense or patch mode, chosen per model; both give the patch-by-patch map of a whole slide
 (DESIGN.md 6.2)."""
+import os
 import numpy as np
 import pytest
 import torch
@@ -351,3 +352,35 @@ def test_a_scan_reads_in_phases_sized_by_its_memory_budget(monkeypatch):
     assert seen[-1] == int(engine.PHASE_BYTES // (3 * side * side))  # 256 MB leaves more than the cap
     scan_slide(ArraySlide(_image()), _model(), memory=48 << 20, **kw)
     assert seen[-1] < int(engine.PHASE_BYTES // (3 * side * side))  # a smaller budget: a shorter phase
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="per-thread CPU affinity is Linux's")
+def test_readers_that_fill_the_cores_each_keep_to_one_and_others_stay_free(monkeypatch):
+    """reader_cores: pinned only at the model's priority and when the readers are at least
+    the cores this process may use; then each reader thread of the pool keeps to a core of
+    its own, in turn (read back from the OS)."""
+    import threading
+
+    from pyfastscan.pipeline import readers
+
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    n = len(cores)
+    if n < 2:
+        pytest.skip("one core: nothing to pin to")
+    assert readers.reader_cores(n) == cores and readers.reader_cores(n + 3) == cores
+    assert readers.reader_cores(n - 1) is None  # more cores than readers: free to move
+    assert readers.reader_cores(n, nice=10) is None  # beside a CPU model's threads: free
+    monkeypatch.setattr(readers, "PIN_READERS", False)
+    assert readers.reader_cores(n) is None
+    monkeypatch.setattr(readers, "PIN_READERS", True)
+
+    barrier = threading.Barrier(n)
+
+    def where():
+        barrier.wait(timeout=10)  # every thread of the pool started, each answering for itself
+        return os.sched_getaffinity(threading.get_native_id())
+
+    with readers.reader_pool(n) as submit:
+        got = [f.result(timeout=10) for f in [submit(where) for _ in range(n)]]
+    assert sorted(min(s) for s in got) == list(cores) and all(len(s) == 1 for s in got)
+    assert os.sched_getaffinity(threading.get_native_id()) == set(cores)  # the caller's own stays as it was
