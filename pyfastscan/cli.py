@@ -453,10 +453,17 @@ def _run(args) -> int:
         info = build_info()
         from .precision import auto_precision
 
+        from .pipeline.readers import cpu_cores, default_readers, reader_cores
+
         prec, why = auto_precision("cpu")
         info["precision_auto"] = {"cpu": {"precision": prec, "reason": why}}
+        n = default_readers()
+        pinned = reader_cores(n)
+        info["readers"] = {"default": n, "cores": cpu_cores(), "pinned_cores": None if pinned is None else list(pinned)}
+        where = "free to move" if pinned is None else "each pinned to one of cores " + ", ".join(map(str, pinned))
         print(json.dumps(info, indent=2) if args.json else
-              format_build_info(info) + f"\nprecision auto on the CPU: {prec} ({why})")
+              format_build_info(info) + f"\nprecision auto on the CPU: {prec} ({why})"
+              f"\nreaders by default: {n} for {cpu_cores()} core(s), {where} beside an accelerator")
         return 0
     if args.command == "demo":
         from . import demo

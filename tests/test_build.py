@@ -137,7 +137,16 @@ def test_cli_info_json(tmp_path):
     script = Path(sys.executable).parent / "pyfastscan"
     out = subprocess.run([str(script), "info", "--json"], check=True, capture_output=True, text=True,
                          cwd=tmp_path).stdout
-    assert json.loads(out)["native"]["_C"]["loaded"]
+    info = json.loads(out)
+    assert info["native"]["_C"]["loaded"]
+    from pyfastscan.pipeline.readers import cpu_cores, default_readers, reader_cores
+
+    pinned = reader_cores(default_readers())  # the default readers, and whether they keep to cores
+    assert info["readers"] == {"default": default_readers(), "cores": cpu_cores(),
+                               "pinned_cores": None if pinned is None else list(pinned)}
+    plain = subprocess.run([str(script), "info"], check=True, capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "PYFASTSCAN_PIN_READERS": "0"}).stdout
+    assert f"readers by default: {default_readers()} for {cpu_cores()} core(s), free to move" in plain
 
 
 def test_interim_demo_dense_equals_patch_loop():

@@ -80,8 +80,9 @@ def _yield_to_the_model() -> None:
 
 
 # Readers that fill the cores this process may use each keep to a core of their own (see
-# reader_cores); False leaves every reader free to move.
-PIN_READERS = True
+# reader_cores); False (or PYFASTSCAN_PIN_READERS=0 in the environment) leaves every reader
+# free to move.
+PIN_READERS = os.environ.get("PYFASTSCAN_PIN_READERS", "1") != "0"
 
 
 def reader_cores(readers: int, nice: int = 0) -> Optional[Tuple[int, ...]]:
@@ -93,7 +94,8 @@ def reader_cores(readers: int, nice: int = 0) -> Optional[Tuple[int, ...]]:
     finds its caches cold (bench_pipeline on a 2-core AMD EPYC, 2 readers: delivered /
     ceiling 0.879 pinned against 0.852 free, medians of 10 interleaved pairs, pinned ahead
     in 8). With more cores than readers they stay free to move: other processes (a
-    cohort's workers) share the machine. ``PIN_READERS = False`` turns it off."""
+    cohort's workers) share the machine. ``PIN_READERS = False`` or
+    ``PYFASTSCAN_PIN_READERS=0`` turns it off (a desktop whose other programs keep cores busy)."""
     if not PIN_READERS or nice or not hasattr(os, "sched_setaffinity"):
         return None
     try:
