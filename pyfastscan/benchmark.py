@@ -78,6 +78,42 @@ def cell_throughput(scanner: nn.Module, roi_outputs: int, device="cpu", repeats:
                 cells_per_s=roi_outputs ** 2 / median, multiply_adds=scanner.multiply_adds(side))
 
 
+def thread_scaling(threads: int, seconds: float = 0.1) -> float:
+    """How much faster ``threads`` threads run than one, right now, on work that needs no
+    GIL, no memory bandwidth and no shared cache (SHA-256 of a 64 KiB buffer: hashlib
+    releases the GIL), each way for about ``seconds``: ``threads`` where each thread has a
+    core to itself. A diagnostic beside a read ceiling that assumes ``threads`` cores
+    (single-thread rate x readers): a 2-vCPU machine whose host is busy gave 1.51-1.98
+    within one minute, and readers cannot beat what the cores give."""
+    import hashlib
+    import os
+    import threading
+
+    data = os.urandom(1 << 16)
+
+    def work(n):
+        for _ in range(n):
+            hashlib.sha256(data).digest()
+
+    t = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t < seconds / 4:  # calibrate: hashes per thread for `seconds`
+        work(16)
+        n += 16
+    per_thread = max(16, int(n * seconds / (time.perf_counter() - t)))
+
+    def rate(k):
+        pool = [threading.Thread(target=work, args=(per_thread,)) for _ in range(k)]
+        t0 = time.perf_counter()
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+        return k * per_thread / (time.perf_counter() - t0)
+
+    return rate(threads) / rate(1)
+
+
 def reader_rate(read: Callable, rois, memory_format: torch.memory_format = torch.contiguous_format) -> float:
     """Mpx/s of one reader thread's work beside a CPU model over ``rois``
     (:func:`~pyfastscan.pipeline.readers.read_into`: ``read(roi)``, converted into a reused

@@ -34,3 +34,29 @@ def test_bench_patch_only_model_and_bad_input(capsys):
     assert "padding" in out["dense_refused"]
     assert main(["bench", "--arch", "nope"]) == 2
     assert "unknown architecture 'nope'" in capsys.readouterr().out
+
+
+def test_thread_scaling_times_one_thread_against_that_many_each_hashing(monkeypatch):
+    """benchmark.thread_scaling: the same hashes per thread, first in the given number of
+    threads at once, then in one; the answer is the rate of the first over the second."""
+    import hashlib
+    import threading
+
+    from pyfastscan import benchmark
+
+    real, seen = hashlib.sha256, []
+
+    def sha256(data):
+        seen.append(threading.current_thread())  # the Thread object: idents are reused, these are kept
+        return real(data)
+
+    monkeypatch.setattr(hashlib, "sha256", sha256)
+    times = iter([0.0, 0.0, 0.025, 0.025, 1.0, 2.0, 2.0, 4.0])  # calibration, 3 threads, then 1 thread
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: next(times))
+    got = benchmark.thread_scaling(3, seconds=0.1)
+    calibration = seen[:16]
+    assert len(set(calibration)) == 1
+    per_thread = (len(seen) - 16) // 4
+    assert per_thread == 64  # 16 hashes in 0.025 s -> 64 in 0.1 s
+    assert len(set(seen[16:16 + 3 * per_thread])) == 3 and len(set(seen[16 + 3 * per_thread:])) == 1
+    assert got == pytest.approx((3 * 64 / 1.0) / (64 / 2.0))
