@@ -384,3 +384,55 @@ def test_readers_that_fill_the_cores_each_keep_to_one_and_others_stay_free(monke
         got = [f.result(timeout=10) for f in [submit(where) for _ in range(n)]]
     assert sorted(min(s) for s in got) == list(cores) and all(len(s) == 1 for s in got)
     assert os.sched_getaffinity(threading.get_native_id()) == set(cores)  # the caller's own stays as it was
+
+
+def test_overlapped_reads_deepen_only_while_the_model_waits_and_an_interrupt_stops_them(monkeypatch):
+    """Beside a model that is faster than the readers, the read-ahead grows to its limit;
+    beside a slower one it stays where it started. Ctrl-C while the model waits for a read
+    reaches the caller at once and no further read starts."""
+    import signal
+    import threading
+    import time
+
+    from pyfastscan.pipeline import readers
+    from pyfastscan.pipeline.readers import RoiPipeline
+
+    monkeypatch.setattr(readers, "CPU_PHASES", False)  # overlapped, as beside an accelerator
+    reads = []
+
+    def read(k, pause):
+        reads.append(k)
+        time.sleep(pause)
+        return np.full((4, 4, 3), k % 256, np.uint8)
+
+    def model(pause):
+        def run(x):
+            time.sleep(pause)
+            return x[0, 0] * 255
+
+        return run
+
+    fast = RoiPipeline(lambda k: read(k, 0.004), range(60), model(0), device="cpu", in_dtype=torch.float32,
+                       readers=2)
+    got = [(k, int(block[0, 0])) for k, block in fast]
+    assert got == [(k, k) for k in range(60)]  # in order, each its own pixels
+    assert fast.depth == fast.max_depth == 5 and fast.depth_grew == 2  # from readers + 1 = 3
+    assert fast.ring.allocated <= fast.max_depth + 1
+    slow = RoiPipeline(lambda k: read(k, 0), range(20), model(0.02), device="cpu", in_dtype=torch.float32,
+                       readers=2)  # each read has 20 ms to be ready before the model asks for it
+    assert [k for k, _ in slow] == list(range(20))
+    assert slow.depth == 3 and slow.depth_grew == 0
+
+    reads.clear()
+    pipe = RoiPipeline(lambda k: read(k, 0.005), range(400), model(0), device="cpu", in_dtype=torch.float32,
+                       readers=2)  # 400 reads: 1 s on two readers
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C
+    t = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        list(pipe)
+    took = time.perf_counter() - t
+    timer.cancel()
+    assert took < 0.5 and len(reads) < 150, (took, len(reads))
+    time.sleep(0.05)
+    assert len(reads) < 150  # nothing read after the caller got the interrupt either

@@ -302,37 +302,25 @@ class RoiPipeline:
             yield from self._cpu_phases()
             return
         timings = self.timings
-        # a failing ROI or a consumer that stops early: queued reads are dropped, not waited for
+        # a failing ROI or a consumer that stops early: no further read starts
         with reader_pool(self.readers, 0 if self.cuda else CPU_READER_NICE) as submit:
-            it = iter(self.todo)
-            pending = deque()
-
-            def fill():
-                while len(pending) < self.depth:
-                    roi = next(it, None)
-                    if roi is None:
-                        return
-                    pending.append((roi, submit(self._load, roi)))
-
-            fill()
-            if self.cuda:
-                yield from self._cuda_loop(pending, fill)
-                return
-            while pending:
-                roi, fut = pending.popleft()
-                t = time.perf_counter()
-                if not fut.done() and pending and self.depth < self.max_depth:
-                    self.depth += 1  # the model caught up with the readers: read further ahead
-                    self.depth_grew += 1
-                buf = fut.result()
-                timings["read_wait"] += time.perf_counter() - t
-                fill()
-                t = time.perf_counter()
-                with torch.inference_mode():  # only around the model: never across a yield
-                    block = self.run(buf).float().numpy()
-                timings["infer"] += time.perf_counter() - t
-                self.ring.give(buf)
-                yield roi, block
+            ahead = _ReadAhead(self, submit)
+            try:
+                if self.cuda:
+                    yield from self._cuda_loop(ahead)
+                    return
+                for i, roi in enumerate(self.todo):
+                    t = time.perf_counter()
+                    buf = ahead.take(i)
+                    timings["read_wait"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    with torch.inference_mode():  # only around the model: never across a yield
+                        block = self.run(buf).float().numpy()
+                    timings["infer"] += time.perf_counter() - t
+                    self.ring.give(buf)
+                    yield roi, block
+            finally:
+                ahead.close()
 
     def _cpu_phases(self):
         """CPU, the model's threads on every core: the readers decode ``phase`` ROIs, then
@@ -382,7 +370,7 @@ class RoiPipeline:
                     self.ring.give(x)
                     yield roi, block
 
-    def _cuda_loop(self, pending, fill):
+    def _cuda_loop(self, ahead: "_ReadAhead"):
         """Copy on its own stream, compute on the current one, results one ROI behind."""
         timings = self.timings
         copy_stream = torch.cuda.Stream(self.device)
@@ -400,15 +388,10 @@ class RoiPipeline:
             host_out.give(host)
             return roi, block
 
-        while pending:
-            roi, fut = pending.popleft()
+        for i, roi in enumerate(self.todo):
             t = time.perf_counter()
-            if not fut.done() and pending and self.depth < self.max_depth:
-                self.depth += 1
-                self.depth_grew += 1
-            buf = fut.result()
+            buf = ahead.take(i)
             timings["read_wait"] += time.perf_counter() - t
-            fill()
             t = time.perf_counter()
             with torch.inference_mode():
                 with torch.cuda.stream(copy_stream):
@@ -428,6 +411,69 @@ class RoiPipeline:
                 yield finish_one()
         while inflight:
             yield finish_one()
+
+
+class _ReadAhead:
+    """The overlapped paths' reads of a :class:`RoiPipeline`: ``readers`` reader loops (one
+    task each in the pool) take the next ROI as soon as a read-ahead permit is free and
+    hand (index, buffer or error) back through a queue; the consumer takes ROI ``i``'s
+    buffer in order (:meth:`take`), which frees its permit for the next read. At most
+    ``pipeline.depth`` ROIs are read ahead; the depth grows (up to ``max_depth``) each
+    time the consumer finds its ROI not read yet while others are (not for the first ROI,
+    which every model waits for). Permits and results
+    pass through ``queue.SimpleQueue`` (C, no Python lock or Future per ROI: the thread
+    feeding the device holds the GIL less, and the readers wait for it less)."""
+
+    def __init__(self, pipeline: RoiPipeline, submit):
+        import queue
+
+        self.p = pipeline
+        self.n = len(pipeline.todo)
+        self._permits, self._done = queue.SimpleQueue(), queue.SimpleQueue()
+        self._next = itertools.count()  # the next ROI a reader takes (next() is atomic under the GIL)
+        self._early: Dict[int, object] = {}  # results that came before the consumer asked for them
+        self._stop = False
+        for _ in range(pipeline.depth):
+            self._permits.put(True)
+        self._tasks = [submit(self._reader) for _ in range(pipeline.readers)]
+
+    def _reader(self) -> None:
+        todo, load = self.p.todo, self.p._load
+        while True:
+            self._permits.get()
+            if self._stop:
+                return
+            i = next(self._next)
+            if i >= self.n:
+                return
+            try:
+                self._done.put((i, load(todo[i])))
+            except BaseException as exc:  # raised by the consumer at ROI i, after the ROIs before it
+                self._done.put((i, exc))
+                return
+
+    def take(self, i: int):
+        """ROI ``i``'s buffer (ROIs are taken in order, 0, 1, ...), or its read's error."""
+        p = self.p
+        if 0 < i < self.n - 1 and i not in self._early and self._done.empty() and p.depth < p.max_depth:
+            p.depth += 1  # the model caught up with the readers: read further ahead
+            p.depth_grew += 1
+            self._permits.put(True)
+        while i not in self._early:
+            k, got = self._done.get()
+            self._early[k] = got
+        got = self._early.pop(i)
+        if isinstance(got, BaseException):
+            raise got
+        self._permits.put(True)  # ROI i is the consumer's: another may be read
+        return got
+
+    def close(self) -> None:
+        """No further read starts; the reader loops end after the reads they are in."""
+        self._stop = True
+        for _ in self._tasks:
+            self._permits.put(True)
+        self._early.clear()
 
 
 __all__ = ["RoiPipeline", "BufferRing", "cpu_cores", "default_readers", "max_read_ahead", "pixels_to_input",
