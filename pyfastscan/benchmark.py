@@ -134,7 +134,8 @@ def read_ceiling(slide, roi_side: int = 1024, n: int = 8, readers: Optional[int]
     does per ROI (:func:`reader_rate`: a ``roi_side`` px region of level 0 read as a scan
     reads it, converted into an input buffer of ``memory_format``) over ``n`` regions along
     the diagonal, the best of two passes, times the reader threads, capped by the cores
-    this process may use."""
+    this process may use; with :func:`thread_scaling` of those cores beside it (the
+    ceiling assumes each thread a core of its own)."""
     from .pipeline.readers import default_readers
     from .slide import open_slide
 
@@ -152,8 +153,9 @@ def read_ceiling(slide, roi_side: int = 1024, n: int = 8, readers: Optional[int]
 
     (side, a), (_, b) = one_pass(), one_pass()  # the second: the file in the OS's cache
     single = max(a, b)
+    n_cores = min(readers, cores())
     return dict(slide=str(slide), roi_side=side, single_thread_mpx_s=single, readers=readers, cores=cores(),
-                ceiling_mpx_s=single * min(readers, cores()))
+                ceiling_mpx_s=single * n_cores, thread_scaling=thread_scaling(n_cores) if n_cores > 1 else 1.0)
 
 
 def run_bench(model: nn.Module, *, alpha: int, device="cpu", roi_outputs: int = 16, patch: Optional[int] = None,
@@ -222,5 +224,6 @@ def format_bench(result: dict) -> str:
     if "read" in result:
         r = result["read"]
         lines.append(f"read ceiling of {r['slide']}: {r['ceiling_mpx_s']:.1f} Mpx/s "
-                     f"({r['single_thread_mpx_s']:.1f} Mpx/s per thread x {r['readers']} readers, {r['cores']} cores)")
+                     f"({r['single_thread_mpx_s']:.1f} Mpx/s per thread x {r['readers']} readers, {r['cores']} cores; "
+                     f"the cores ran {min(r['readers'], r['cores'])} threads {r['thread_scaling']:.2f}x as fast as one)")
     return "\n".join(lines)

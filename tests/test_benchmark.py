@@ -22,6 +22,7 @@ def test_bench_json_has_dense_patch_and_read_rows(capsys):
     assert dense["multiply_adds"] / dense["roi_outputs"] ** 2 < patch["multiply_adds"] / patch["roi_outputs"] ** 2
     assert out["read"]["ceiling_mpx_s"] == pytest.approx(out["read"]["single_thread_mpx_s"] *
                                                          min(out["read"]["readers"], out["read"]["cores"]))
+    assert out["read"]["thread_scaling"] > 0
 
 
 def test_bench_patch_only_model_and_bad_input(capsys):
