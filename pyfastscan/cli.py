@@ -463,7 +463,8 @@ def _run(args) -> int:
         where = "free to move" if pinned is None else "each pinned to one of cores " + ", ".join(map(str, pinned))
         print(json.dumps(info, indent=2) if args.json else
               format_build_info(info) + f"\nprecision auto on the CPU: {prec} ({why})"
-              f"\nreaders by default: {n} for {cpu_cores()} core(s), {where} beside an accelerator")
+              f"\nreaders by default: {n} for {cpu_cores()} core(s), {where} (beside an accelerator, and in "
+              "a CPU scan's read phases)")
         return 0
     if args.command == "demo":
         from . import demo

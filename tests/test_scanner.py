@@ -119,7 +119,7 @@ def test_pipeline_keeps_inference_mode_inside_and_stops_early(cpu_mode):
     assert np.allclose(block, 0)
     roi, block = next(it)
     assert roi == 1 and np.allclose(block, 2 / 255)
-    it.close()  # the consumer stops: queued reads are cancelled (overlapped), no phase after this one (phases)
+    it.close()  # the consumer stops: no further read starts (overlapped), no phase after this one (phases)
     assert len(reads) < 40
     assert pipe.ring.allocated <= pipe.max_depth + 1  # buffers bounded by the read-ahead
     assert pipe.phased == (cpu_mode == "phases")
@@ -333,11 +333,11 @@ def test_an_interrupt_while_reads_run_starts_no_further_read(monkeypatch, mode):
     timer.start()
     with pytest.raises(KeyboardInterrupt):
         list(pipe)
-    took = time.perf_counter() - t
+    took, caught = time.perf_counter() - t, len(reads)
     timer.cancel()
-    assert took < 0.5 and len(reads) < 150, (took, len(reads))
-    time.sleep(0.05)
-    assert len(reads) < 150  # nothing read after the caller got the interrupt either
+    assert took < 0.5 and caught < 150, (took, caught)
+    time.sleep(0.1)
+    assert len(reads) <= caught + 2  # after the interrupt, only the reads already running (2 readers)
 
 
 def test_a_scan_reads_in_phases_sized_by_its_memory_budget(monkeypatch):
@@ -421,8 +421,31 @@ def test_overlapped_reads_deepen_only_while_the_model_waits(monkeypatch):
     assert got == [(k, k) for k in range(60)]  # in order, each its own pixels
     assert fast.depth == fast.max_depth == 5 and fast.depth_grew == 2  # from readers + 1 = 3
     assert fast.ring.allocated <= fast.max_depth + 1
-    slow = RoiPipeline(lambda k: read(k, 0), range(20), model(0.02), device="cpu", in_dtype=torch.float32,
-                       readers=2)  # each read has 20 ms to be ready before the model asks for it
-    assert [k for k, _ in slow] == list(range(20))
+    slow = RoiPipeline(lambda k: read(k, 0), range(10), model(0.05), device="cpu", in_dtype=torch.float32,
+                       readers=2)  # each read has 50 ms to be ready before the model asks for it
+    assert [k for k, _ in slow] == list(range(10))
     assert slow.depth == 3 and slow.depth_grew == 0
 
+
+
+def test_a_process_with_an_overlapped_pipeline_left_part_way_exits(tmp_path):
+    """A pipeline paused at a ROI when the interpreter exits (a generator in a variable, a
+    notebook) stops its reader loops, which would otherwise wait for read-ahead permits
+    and keep the process from exiting."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "left.py"
+    script.write_text("""
+import numpy as np, torch
+from pyfastscan.pipeline import readers
+readers.CPU_PHASES = False  # overlapped, as beside an accelerator
+pipe = readers.RoiPipeline(lambda k: np.zeros((4, 4, 3), np.uint8), range(50), lambda x: x[0, 0], device="cpu",
+                           in_dtype=torch.float32, readers=2)
+it = iter(pipe)
+next(it)
+print("left part-way", flush=True)
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0 and "left part-way" in proc.stdout, proc.stderr

@@ -30,16 +30,19 @@ the model's threads fill.
 - The model's output stays on the device and comes back asynchronously: the block of ROI
   k is waited for only after ROI k + 1 has been launched, so there is no synchronisation
   between launching one ROI and the next.
-- Overlapped (CUDA, or a CPU model on fewer threads than cores), the read-ahead depth
-  adapts: it starts at ``readers + 1`` and grows (up to ``max_depth``) each time the model
-  had to wait for a read while reads were still queued, so the model never waits when
-  the readers can keep up.
+- Overlapped (CUDA, or a CPU model on fewer threads than cores), the readers are loops
+  that take read-ahead permits and hand ROIs back through C queues (:class:`_ReadAhead`),
+  and the read-ahead depth adapts: it starts at ``readers + 1`` and grows (up to
+  ``max_depth``) each time the model had to wait for a read (but the first and the
+  last), so the model never waits when the readers can keep up.
 """
 import contextlib
 import itertools
 import os
+import queue
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Dict, Iterable, Optional, Tuple
@@ -93,8 +96,9 @@ def reader_cores(readers: int, nice: int = 0) -> Optional[Tuple[int, ...]]:
     waking a few times per ROI, would otherwise push a reader onto the other core, where it
     finds its caches cold (bench_pipeline on a 2-core AMD EPYC, 2 readers: delivered /
     ceiling 0.879 pinned against 0.852 free, medians of 10 interleaved pairs, pinned ahead
-    in 8). With more cores than readers they stay free to move: other processes (a
-    cohort's workers) share the machine. ``PIN_READERS = False`` or
+    in 8). With more cores than readers they stay free to move. Several processes whose
+    readers fill the cores (Ray actors, a cohort's workers) each pin their reader k to
+    core k, so each core gets one reader of each. ``PIN_READERS = False`` or
     ``PYFASTSCAN_PIN_READERS=0`` turns it off (a desktop whose other programs keep cores busy)."""
     if not PIN_READERS or nice or not hasattr(os, "sched_setaffinity"):
         return None
@@ -124,9 +128,9 @@ def reader_pool(readers: int, nice: int = 0):
     one: a cohort's slides, a training run's mining
     scans and a benchmark's runs reuse started threads instead of starting them per scan
     (freshly started threads ran the reads measurably slower here). Each pipeline has
-    its pool to itself (two scans at once each get one); on the way out the reads not
-    started are cancelled and the running ones waited for, so no reader touches the slide
-    after the scan. Keyed by process id: a forked child (a DataLoader worker) starts its own."""
+    its pool to itself (two scans at once each get one); on the way out the tasks not
+    started are cancelled and the running ones waited for (a pipeline's reader loops
+    are told to stop first), so no reader touches the slide after the scan. Keyed by process id: a forked child (a DataLoader worker) starts its own."""
     cores = reader_cores(readers, nice)
     key = (os.getpid(), readers, nice, cores)
     with _POOLS_LOCK:
@@ -303,24 +307,28 @@ class RoiPipeline:
             return
         timings = self.timings
         # a failing ROI or a consumer that stops early: no further read starts
-        with reader_pool(self.readers, 0 if self.cuda else CPU_READER_NICE) as submit:
-            ahead = _ReadAhead(self, submit)
-            try:
-                if self.cuda:
-                    yield from self._cuda_loop(ahead)
-                    return
-                for i, roi in enumerate(self.todo):
-                    t = time.perf_counter()
-                    buf = ahead.take(i)
-                    timings["read_wait"] += time.perf_counter() - t
-                    t = time.perf_counter()
-                    with torch.inference_mode():  # only around the model: never across a yield
-                        block = self.run(buf).float().numpy()
-                    timings["infer"] += time.perf_counter() - t
-                    self.ring.give(buf)
-                    yield roi, block
-            finally:
-                ahead.close()
+        ahead = _ReadAhead(self)
+        try:
+            with reader_pool(self.readers, 0 if self.cuda else CPU_READER_NICE) as submit:
+                try:
+                    ahead.start(submit)
+                    if self.cuda:
+                        yield from self._cuda_loop(ahead)
+                        return
+                    for i, roi in enumerate(self.todo):
+                        t = time.perf_counter()
+                        buf = ahead.take(i)
+                        timings["read_wait"] += time.perf_counter() - t
+                        t = time.perf_counter()
+                        with torch.inference_mode():  # only around the model: never across a yield
+                            block = self.run(buf).float().numpy()
+                        timings["infer"] += time.perf_counter() - t
+                        self.ring.give(buf)
+                        yield roi, block
+                finally:
+                    ahead.close()  # before the pool waits for the reader loops
+        finally:
+            ahead.drop()  # the loops have ended: what they read and nobody took goes now
 
     def _cpu_phases(self):
         """CPU, the model's threads on every core: the readers decode ``phase`` ROIs, then
@@ -413,34 +421,60 @@ class RoiPipeline:
             yield finish_one()
 
 
+_LIVE: "weakref.WeakSet[_ReadAhead]" = weakref.WeakSet()  # read-aheads whose reader loops may run
+
+
+def _stop_live_read_aheads() -> None:
+    """At interpreter exit, before the thread pools wait for their threads: a pipeline
+    left part-way (a paused generator in a variable, a notebook) stops its reader loops,
+    which would otherwise wait for permits that never come and hold up the exit."""
+    for ahead in list(_LIVE):
+        ahead.close()
+
+
+if hasattr(threading, "_register_atexit"):  # runs before concurrent.futures' own hook (registered earlier)
+    threading._register_atexit(_stop_live_read_aheads)
+
+
 class _ReadAhead:
     """The overlapped paths' reads of a :class:`RoiPipeline`: ``readers`` reader loops (one
     task each in the pool) take the next ROI as soon as a read-ahead permit is free and
     hand (index, buffer or error) back through a queue; the consumer takes ROI ``i``'s
     buffer in order (:meth:`take`), which frees its permit for the next read. At most
     ``pipeline.depth`` ROIs are read ahead; the depth grows (up to ``max_depth``) each
-    time the consumer finds its ROI not read yet while others are (not for the first ROI,
-    which every model waits for). Permits and results
-    pass through ``queue.SimpleQueue`` (C, no Python lock or Future per ROI: the thread
-    feeding the device holds the GIL less, and the readers wait for it less)."""
+    time the consumer finds its ROI not read yet (not for the first ROI, which every model
+    waits for, nor the last). Permits and results pass through ``queue.SimpleQueue`` (C,
+    no Python lock or Future per ROI: the thread feeding the device holds the GIL less,
+    and the readers wait for it less). A loop waiting for a permit looks every
+    ``IDLE_CHECK`` seconds whether it was told to stop, so a stop that lost its permits
+    (an interrupt in :meth:`close`) still ends it."""
 
-    def __init__(self, pipeline: RoiPipeline, submit):
-        import queue
+    IDLE_CHECK = 0.25
 
+    def __init__(self, pipeline: RoiPipeline):
         self.p = pipeline
         self.n = len(pipeline.todo)
         self._permits, self._done = queue.SimpleQueue(), queue.SimpleQueue()
         self._next = itertools.count()  # the next ROI a reader takes (next() is atomic under the GIL)
         self._early: Dict[int, object] = {}  # results that came before the consumer asked for them
         self._stop = False
-        for _ in range(pipeline.depth):
+        self._tasks: list = []
+
+    def start(self, submit) -> None:
+        """Grant the first ``depth`` permits and start the reader loops."""
+        _LIVE.add(self)
+        for _ in range(self.p.depth):
             self._permits.put(True)
-        self._tasks = [submit(self._reader) for _ in range(pipeline.readers)]
+        for _ in range(self.p.readers):
+            self._tasks.append(submit(self._reader))
 
     def _reader(self) -> None:
         todo, load = self.p.todo, self.p._load
-        while True:
-            self._permits.get()
+        while not self._stop:
+            try:
+                self._permits.get(timeout=self.IDLE_CHECK)
+            except queue.Empty:
+                continue
             if self._stop:
                 return
             i = next(self._next)
@@ -452,10 +486,20 @@ class _ReadAhead:
                 self._done.put((i, exc))
                 return
 
+    def _collect(self) -> None:
+        """Move the results already handed back into ``_early``, without waiting."""
+        while True:
+            try:
+                k, got = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._early[k] = got
+
     def take(self, i: int):
         """ROI ``i``'s buffer (ROIs are taken in order, 0, 1, ...), or its read's error."""
         p = self.p
-        if 0 < i < self.n - 1 and i not in self._early and self._done.empty() and p.depth < p.max_depth:
+        self._collect()
+        if 0 < i < self.n - 1 and i not in self._early and p.depth < p.max_depth:
             p.depth += 1  # the model caught up with the readers: read further ahead
             p.depth_grew += 1
             self._permits.put(True)
@@ -469,10 +513,16 @@ class _ReadAhead:
         return got
 
     def close(self) -> None:
-        """No further read starts; the reader loops end after the reads they are in."""
+        """No further read starts; the reader loops end after the reads they are in (at
+        once for those waiting for a permit). Safe to call again."""
         self._stop = True
         for _ in self._tasks:
             self._permits.put(True)
+        _LIVE.discard(self)
+
+    def drop(self) -> None:
+        """Let go of the buffers read and not taken (pinned memory on CUDA)."""
+        self._collect()
         self._early.clear()
 
 
