@@ -29,8 +29,11 @@ probabilities (no softmax on the CPU), so it behaves like an accelerator of know
    against its own pass (``paired_fraction_runs``) is printed, and beside it
    ``thread_scaling_runs``: how much faster the cores ran two threads than one just
    before that run, on work that needs neither the GIL nor memory
-   (:func:`pyfastscan.benchmark.thread_scaling`). The ceiling assumes 2x; a busy host
-   gave 1.51-1.98x within a minute, and no reader can beat what the cores give.
+   (:func:`pyfastscan.benchmark.thread_scaling`), and ``memory_scaling_runs``: how much
+   more memory bandwidth two threads got than one (:func:`pyfastscan.benchmark.memory_scaling`).
+   The ceiling assumes 2x of both; a busy host gave 1.51-1.98x of the first within a
+   minute, and the second stayed near 1 (one thread copied 21.5 GB/s, two 20.5 GB/s
+   together) while the readers stream ~40 MB per ROI: no reader beats what the machine gives.
 """
 import argparse
 import json
@@ -90,7 +93,7 @@ def single_thread_rate(path: str, rois, memory_format=torch.contiguous_format) -
 
 def run(path: str, readers: int = None) -> dict:
     from pyfastscan import scan_slide
-    from pyfastscan.benchmark import cores, cpu_name, thread_scaling
+    from pyfastscan.benchmark import cores, cpu_name, memory_scaling, thread_scaling
     from pyfastscan.pipeline import readers as readers_module
     from pyfastscan.pipeline.readers import default_readers
 
@@ -128,10 +131,11 @@ def run(path: str, readers: int = None) -> dict:
     slow, slow_stage = scan_with(0.5 * ceiling)
     # A fast run's ROI stage is short, so one run is noisy: the best of ROUNDS, each after
     # a single-thread pass of its own (the ceiling is the best of all passes).
-    fast_stages, scaling = [], []
+    fast_stages, scaling, bandwidth = [], [], []
     for _ in range(ROUNDS):
         passes.append(single_thread_rate(path, rois, fmt))
         scaling.append(thread_scaling(n))
+        bandwidth.append(memory_scaling(n))
         fast_stages.append(scan_with(4.0 * ceiling)[1])
     single = max(passes)
     best = single * n
@@ -143,7 +147,7 @@ def run(path: str, readers: int = None) -> dict:
                 fast_device_mpx_s=4.0 * ceiling, delivered_mpx_s=delivered, delivered_fraction=delivered / best,
                 fast_stage_s=min(fast_stages), delivered_fraction_runs=[px / t / 1e6 / best for t in fast_stages],
                 paired_fraction_runs=[px / t / 1e6 / (p * n) for t, p in zip(fast_stages, passes[1:])],
-                thread_scaling_runs=scaling, torch=torch.__version__, python=platform.python_version())
+                thread_scaling_runs=scaling, memory_scaling_runs=bandwidth, torch=torch.__version__, python=platform.python_version())
 
 
 def build(folder: str) -> str:

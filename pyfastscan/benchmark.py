@@ -114,6 +114,43 @@ def thread_scaling(threads: int, seconds: float = 0.1) -> float:
     return rate(threads) / rate(1)
 
 
+def memory_scaling(threads: int, seconds: float = 0.1, nbytes: int = 32 << 20) -> float:
+    """How much more memory bandwidth ``threads`` threads get than one, right now: each
+    copies its own ``nbytes`` buffer (numpy releases the GIL) over and over for about
+    ``seconds``, in ``threads`` threads at once against one alone (the bytes per second of
+    all against one). The readers' work streams ~40 MB per 1084 px ROI through memory
+    (tiles, the uint8 ROI, its float input), so where this stays near 1 (a 2-vCPU
+    machine here: one thread copied 21.5 GB/s, two 20.5 GB/s together) two readers
+    cannot run at twice one reader's rate, whatever the cores do."""
+    import threading
+
+    import numpy as np
+
+    src = [np.ones(nbytes, np.uint8) for _ in range(threads)]
+    dst = [np.empty(nbytes, np.uint8) for _ in range(threads)]
+    np.copyto(dst[0], src[0])  # pages touched before anything is timed
+    t = time.perf_counter()
+    np.copyto(dst[0], src[0])
+    reps = max(1, int(seconds / max(time.perf_counter() - t, 1e-6)))
+
+    def work(k):
+        for _ in range(reps):
+            np.copyto(dst[k], src[k])
+
+    def rate(k):
+        for d, s_ in zip(dst[:k], src[:k]):
+            np.copyto(d, s_)
+        pool = [threading.Thread(target=work, args=(j,)) for j in range(k)]
+        t0 = time.perf_counter()
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+        return k * reps * nbytes / (time.perf_counter() - t0)
+
+    return rate(threads) / rate(1)
+
+
 def reader_rate(read: Callable, rois, memory_format: torch.memory_format = torch.contiguous_format) -> float:
     """Mpx/s of one reader thread's work beside a CPU model over ``rois``
     (:func:`~pyfastscan.pipeline.readers.read_into`: ``read(roi)``, converted into a reused

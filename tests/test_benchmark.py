@@ -61,3 +61,31 @@ def test_thread_scaling_times_one_thread_against_that_many_each_hashing(monkeypa
     assert per_thread == 64  # 16 hashes in 0.025 s -> 64 in 0.1 s
     assert len(set(seen[16:16 + 3 * per_thread])) == 3 and len(set(seen[16 + 3 * per_thread:])) == 1
     assert got == pytest.approx((3 * 64 / 1.0) / (64 / 2.0))
+
+
+def test_memory_scaling_copies_as_many_buffers_at_once_as_threads_then_one(monkeypatch):
+    """benchmark.memory_scaling: each thread copies its own buffer the same number of
+    times, first ``threads`` threads at once, then one; the answer is bytes per second of
+    the first over the second."""
+    import threading
+
+    import numpy as np
+
+    from pyfastscan import benchmark
+
+    real, seen = np.copyto, []
+
+    def copyto(dst, src):
+        seen.append((threading.current_thread(), id(dst)))  # Thread objects kept: idents are reused
+        return real(dst, src)
+
+    monkeypatch.setattr(np, "copyto", copyto)
+    times = iter([0.0, 0.01, 1.0, 2.0, 2.0, 4.0])  # one timed copy, 3 threads, then 1 thread
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: next(times))
+    got = benchmark.memory_scaling(3, seconds=0.1, nbytes=1024)
+    reps = 10  # 0.1 s / 0.01 s per copy
+    workers = [t for t, _ in seen if t is not threading.current_thread()]
+    assert len(workers) == 3 * reps + reps and len(set(workers)) == 4  # 3 threads, then 1
+    first = seen[2:2 + 3]  # the 3 buffers' untimed copies before the 3-thread run
+    assert len({d for _, d in first}) == 3
+    assert got == pytest.approx((3 * reps * 1024 / 1.0) / (reps * 1024 / 2.0))
