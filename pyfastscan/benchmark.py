@@ -78,6 +78,19 @@ def cell_throughput(scanner: nn.Module, roi_outputs: int, device="cpu", repeats:
                 cells_per_s=roi_outputs ** 2 / median, multiply_adds=scanner.multiply_adds(side))
 
 
+def _seconds_in_threads(work: Callable[[int], object], k: int) -> float:
+    """Seconds for ``k`` threads running ``work(0)`` .. ``work(k - 1)`` at once."""
+    import threading
+
+    pool = [threading.Thread(target=work, args=(j,)) for j in range(k)]
+    t0 = time.perf_counter()
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return time.perf_counter() - t0
+
+
 def thread_scaling(threads: int, seconds: float = 0.1) -> float:
     """How much faster ``threads`` threads run than one, right now, on work that needs no
     GIL, no memory bandwidth and no shared cache (SHA-256 of a 64 KiB buffer: hashlib
@@ -87,7 +100,6 @@ def thread_scaling(threads: int, seconds: float = 0.1) -> float:
     within one minute, and readers cannot beat what the cores give."""
     import hashlib
     import os
-    import threading
 
     data = os.urandom(1 << 16)
 
@@ -103,13 +115,7 @@ def thread_scaling(threads: int, seconds: float = 0.1) -> float:
     per_thread = max(16, int(n * seconds / (time.perf_counter() - t)))
 
     def rate(k):
-        pool = [threading.Thread(target=work, args=(per_thread,)) for _ in range(k)]
-        t0 = time.perf_counter()
-        for th in pool:
-            th.start()
-        for th in pool:
-            th.join()
-        return k * per_thread / (time.perf_counter() - t0)
+        return k * per_thread / _seconds_in_threads(lambda j: work(per_thread), k)
 
     return rate(threads) / rate(1)
 
@@ -122,8 +128,6 @@ def memory_scaling(threads: int, seconds: float = 0.1, nbytes: int = 32 << 20) -
     (tiles, the uint8 ROI, its float input), so where this stays near 1 (a 2-vCPU
     machine here: one thread copied 21.5 GB/s, two 20.5 GB/s together) two readers
     cannot run at twice one reader's rate, whatever the cores do."""
-    import threading
-
     import numpy as np
 
     src = [np.ones(nbytes, np.uint8) for _ in range(threads)]
@@ -140,13 +144,7 @@ def memory_scaling(threads: int, seconds: float = 0.1, nbytes: int = 32 << 20) -
     def rate(k):
         for d, s_ in zip(dst[:k], src[:k]):
             np.copyto(d, s_)
-        pool = [threading.Thread(target=work, args=(j,)) for j in range(k)]
-        t0 = time.perf_counter()
-        for th in pool:
-            th.start()
-        for th in pool:
-            th.join()
-        return k * reps * nbytes / (time.perf_counter() - t0)
+        return k * reps * nbytes / _seconds_in_threads(work, k)
 
     return rate(threads) / rate(1)
 
