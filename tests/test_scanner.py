@@ -449,3 +449,39 @@ print("left part-way", flush=True)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode == 0 and "left part-way" in proc.stdout, proc.stderr
+
+
+def test_a_consumer_whose_reads_are_stopped_at_exit_gets_an_error_not_a_hang(monkeypatch):
+    """The exit hook stops every live read-ahead; a consumer in another thread still
+    taking ROIs then gets a RuntimeError once the reads in progress are delivered, instead
+    of waiting for ROIs no reader will read (the process would never exit)."""
+    import threading
+    import time
+
+    from pyfastscan.pipeline import readers
+    from pyfastscan.pipeline.readers import RoiPipeline
+
+    monkeypatch.setattr(readers, "CPU_PHASES", False)
+
+    def read(k):
+        time.sleep(0.01)
+        return np.full((4, 4, 3), k, np.uint8)
+
+    got, errors = [], []
+
+    def consume():
+        try:
+            for k, _ in RoiPipeline(read, range(200), lambda x: x[0, 0], device="cpu", in_dtype=torch.float32,
+                                    readers=2):
+                got.append(k)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    th = threading.Thread(target=consume)
+    th.start()
+    time.sleep(0.1)
+    readers._stop_live_read_aheads()  # what the interpreter's exit runs
+    th.join(10)
+    assert not th.is_alive()
+    assert len(errors) == 1 and "stopped" in str(errors[0]) and 0 < len(got) < 200
+    assert got == list(range(len(got)))  # the ROIs before it, in order

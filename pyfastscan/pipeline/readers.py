@@ -427,7 +427,9 @@ _LIVE: "weakref.WeakSet[_ReadAhead]" = weakref.WeakSet()  # read-aheads whose re
 def _stop_live_read_aheads() -> None:
     """At interpreter exit, before the thread pools wait for their threads: a pipeline
     left part-way (a paused generator in a variable, a notebook) stops its reader loops,
-    which would otherwise wait for permits that never come and hold up the exit."""
+    which would otherwise wait for permits that never come and hold up the exit. A
+    consumer still taking ROIs then (a scan in a thread the main thread did not wait for)
+    gets a RuntimeError instead of waiting for reads that will not come."""
     for ahead in list(_LIVE):
         ahead.close()
 
@@ -504,7 +506,12 @@ class _ReadAhead:
             p.depth_grew += 1
             self._permits.put(True)
         while i not in self._early:
-            k, got = self._done.get()
+            try:
+                k, got = self._done.get(timeout=self.IDLE_CHECK)
+            except queue.Empty:
+                if self._stop and all(t.done() for t in self._tasks):  # stopped from outside: nothing will come
+                    raise RuntimeError("pyfastscan: the ROI reads were stopped (the interpreter is exiting)") from None
+                continue
             self._early[k] = got
         got = self._early.pop(i)
         if isinstance(got, BaseException):
