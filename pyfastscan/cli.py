@@ -457,13 +457,13 @@ def _run(args) -> int:
 
         prec, why = auto_precision("cpu")
         info["precision_auto"] = {"cpu": {"precision": prec, "reason": why}}
-        n = default_readers()
+        n, cores = default_readers(), cpu_cores()
         pinned = reader_cores(n)
-        info["readers"] = {"default": n, "cores": cpu_cores(), "pinned_cores": None if pinned is None else list(pinned)}
+        info["readers"] = {"default": n, "cores": cores, "pinned_cores": None if pinned is None else list(pinned)}
         where = "free to move" if pinned is None else "each pinned to one of cores " + ", ".join(map(str, pinned))
         print(json.dumps(info, indent=2) if args.json else
               format_build_info(info) + f"\nprecision auto on the CPU: {prec} ({why})"
-              f"\nreaders by default: {n} for {cpu_cores()} core(s), {where} (beside an accelerator, and in "
+              f"\nreaders by default: {n} for {cores} core(s), {where} (beside an accelerator, and in "
               "a CPU scan's read phases)")
         return 0
     if args.command == "demo":

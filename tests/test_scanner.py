@@ -401,10 +401,8 @@ def test_overlapped_reads_deepen_only_while_the_model_waits(monkeypatch):
     from pyfastscan.pipeline.readers import RoiPipeline
 
     monkeypatch.setattr(readers, "CPU_PHASES", False)  # overlapped, as beside an accelerator
-    reads = []
 
     def read(k, pause):
-        reads.append(k)
         time.sleep(pause)
         return np.full((4, 4, 3), k % 256, np.uint8)
 
@@ -425,7 +423,6 @@ def test_overlapped_reads_deepen_only_while_the_model_waits(monkeypatch):
                        readers=2)  # each read has 50 ms to be ready before the model asks for it
     assert [k for k, _ in slow] == list(range(10))
     assert slow.depth == 3 and slow.depth_grew == 0
-
 
 
 def test_a_process_with_an_overlapped_pipeline_left_part_way_exits(tmp_path):

@@ -125,19 +125,24 @@ _POOLS_LOCK = threading.Lock()
 def reader_pool(readers: int, nice: int = 0):
     """A pool of ``readers`` reader threads (at ``nice`` below the model's threads, pinned
     to cores when :func:`reader_cores` says so) for one pipeline's use, kept for the next
-    one: a cohort's slides, a training run's mining
-    scans and a benchmark's runs reuse started threads instead of starting them per scan
-    (freshly started threads ran the reads measurably slower here). Each pipeline has
-    its pool to itself (two scans at once each get one); on the way out the tasks not
-    started are cancelled and the running ones waited for (a pipeline's reader loops
-    are told to stop first), so no reader touches the slide after the scan. Keyed by process id: a forked child (a DataLoader worker) starts its own."""
+    one: a cohort's slides, a training run's mining scans and a benchmark's runs reuse
+    started threads instead of starting them per scan (freshly started threads ran the
+    reads measurably slower here). Each pipeline has its pool to itself (two scans at
+    once each get one); on the way out the tasks not started are cancelled and the
+    running ones waited for (a pipeline's reader loops are told to stop first), so no
+    reader touches the slide after the scan. Keyed by process id: a forked child (a
+    DataLoader worker) starts its own."""
     cores = reader_cores(readers, nice)
     key = (os.getpid(), readers, nice, cores)
     with _POOLS_LOCK:
         idle = _IDLE_POOLS.setdefault(key, [])
         pool = idle.pop() if idle else None
     if pool is None:
-        init, args = (_yield_to_the_model, ()) if nice else (_pin_to, (cores, itertools.count())) if cores else (None, ())
+        init, args = None, ()
+        if nice:
+            init = _yield_to_the_model
+        elif cores:  # (reader_cores is None at any nice)
+            init, args = _pin_to, (cores, itertools.count())
         pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="pyfastscan-reader", initializer=init,
                                   initargs=args)
     submitted = []
@@ -500,11 +505,12 @@ class _ReadAhead:
     def take(self, i: int):
         """ROI ``i``'s buffer (ROIs are taken in order, 0, 1, ...), or its read's error."""
         p = self.p
-        self._collect()
-        if 0 < i < self.n - 1 and i not in self._early and p.depth < p.max_depth:
-            p.depth += 1  # the model caught up with the readers: read further ahead
-            p.depth_grew += 1
-            self._permits.put(True)
+        if i not in self._early:
+            self._collect()  # only then: an empty queue costs an exception
+            if 0 < i < self.n - 1 and i not in self._early and p.depth < p.max_depth:
+                p.depth += 1  # the model caught up with the readers: read further ahead
+                p.depth_grew += 1
+                self._permits.put(True)
         while i not in self._early:
             try:
                 k, got = self._done.get(timeout=self.IDLE_CHECK)
